@@ -1,0 +1,539 @@
+"""Checkpoints: the native directory format, Hugging Face BLIP directories, and original Salesforce `.pth`.
+
+Native layout (DESIGN §6): `config.json` (model config, token ids, image size), `model.safetensors`, tokenizer
+files; training adds `train_state/`. Loading never executes pickled code: safetensors, or
+`torch.load(weights_only=True)`, which refuses pickles that would run code.
+
+One resolver (`load_model`) accepts any of: a blipctl directory, an HF BLIP directory
+(BlipForConditionalGeneration / BlipForImageTextRetrieval / BlipForQuestionAnswering layouts) or hub id,
+an original/LAVIS `.pth` file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blip.config import BlipConfig, TextConfig, VisionConfig
+from blip.errors import InputError
+from blip.model.blip import BLIP
+from blip.model.vit import interpolate_pos_embed
+from blip.tokenizer import Tokenizer
+
+FORMAT = "blipctl"
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+DEFAULT_FILTER = "Salesforce/blip-itm-base-coco"
+
+# keys of the original checkpoints that are training state, not model weights
+_TRAINING_KEYS = re.compile(r"(_m\.|_m$|^image_queue$|^text_queue$|^idx_queue$|^queue_ptr$|^ptr_queue$|position_ids$)")
+
+
+@dataclass
+class Loaded:
+    model: BLIP
+    tokenizer: Tokenizer
+    source: str
+    kind: str
+    """'blipctl', 'hf' or 'pth'."""
+
+
+# ---- the resolver ------------------------------------------------------------------------------------------------
+def load_model(
+    source: str | os.PathLike,
+    tokenizer: str | None = None,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Loaded:
+    """Load a model from any supported source; `image_size` interpolates the position embeddings."""
+    src = str(source)
+    p = Path(src).expanduser()
+    if p.is_dir():
+        kind = detect_dir_kind(p)
+        model, tok = _load_native(p) if kind == FORMAT else _load_hf(p)
+    elif p.is_file():
+        kind = "pth"
+        model, tok = _load_pth(p, tokenizer)
+    elif _looks_like_hub_id(src):
+        return load_model(_download(src), tokenizer, image_size, device)
+    else:
+        raise InputError(f"model source not found: {src} (expected a checkpoint directory, a .pth file or a hub id)")
+    if tokenizer is not None and kind != "pth":
+        tok = Tokenizer.from_pretrained(tokenizer)
+    _check_vocab(model, tok, src)
+    if image_size is not None and image_size != model.config.vision.image_size:
+        model = resize_image(model, image_size)
+    return Loaded(model.to(device).eval(), tok, src, kind)
+
+
+def detect_dir_kind(p: Path) -> str:
+    cfg_path = p / "config.json"
+    if not cfg_path.exists():
+        raise InputError(f"{p} has no config.json: not a blipctl or Hugging Face BLIP checkpoint directory")
+    cfg = _read_json(cfg_path)
+    if cfg.get("format") == FORMAT:
+        return FORMAT
+    if cfg.get("model_type") == "blip" or any(a.startswith("Blip") for a in cfg.get("architectures") or []):
+        return "hf"
+    raise InputError(f"{cfg_path}: not a BLIP config (model_type={cfg.get('model_type')!r})")
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not s.startswith((".", "/"))
+
+
+def _download(repo_id: str) -> str:
+    """Fetch a hub repo for users with network; fail at once, with the way out, without it."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise InputError(
+            f"cannot fetch {repo_id!r}: HF_HUB_OFFLINE is set. Download it where there is network "
+            f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the directory: --model DIR"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "pytorch_model.bin"], etag_timeout=5
+        )
+    except Exception as e:  # noqa: BLE001 - any hub/network failure means the same thing to the user
+        raise InputError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}). Without network, download "
+            f"it elsewhere (`huggingface-cli download {repo_id} --local-dir DIR`) and pass --model DIR"
+        ) from None
+
+
+def _check_vocab(model: BLIP, tok: Tokenizer, src: str) -> None:
+    v = model.config.text.vocab_size
+    if len(tok) > v:
+        raise InputError(f"{src}: tokenizer has {len(tok)} tokens but the model's vocabulary is {v}")
+    c = model.config
+    if (tok.bos_id, tok.enc_id) != (c.bos_token_id, c.enc_token_id) and c.text_decoder:
+        # trust the tokenizer for [ENC]; keep the model's decoder start id (what it was trained with)
+        c.enc_token_id = tok.enc_id
+
+
+# ---- native ------------------------------------------------------------------------------------------------------
+def save_checkpoint(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write a native checkpoint directory atomically (a temporary sibling, then rename)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        meta = {"format": FORMAT, "version": 1, "model": model.config.to_dict(), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(unique_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory into place; an existing `out` is replaced, never half-written."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with each shared tensor stored once (safetensors refuses aliases); contiguous CPU copies."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def _load_native(p: Path) -> tuple[BLIP, Tokenizer]:
+    from safetensors.torch import load_file
+
+    meta = _read_json(p / "config.json")
+    cfg = BlipConfig.from_dict(meta["model"])
+    model = BLIP(cfg)
+    weights = p / "model.safetensors"
+    if not weights.exists():
+        raise InputError(f"{p}: missing model.safetensors")
+    load_weights(model, load_file(str(weights)), str(weights))
+    return model, Tokenizer.from_pretrained(p)
+
+
+def load_weights(model: BLIP, sd: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
+    """Load a state dict in original/native names; shared (tied) tensors may be present once or twice."""
+    sd = {k: v for k, v in sd.items() if not _TRAINING_KEYS.search(k)}
+    pe = "visual_encoder.pos_embed"
+    if pe in sd and sd[pe].shape != model.visual_encoder.pos_embed.shape:
+        sd[pe] = interpolate_pos_embed(sd[pe], model.visual_encoder.pos_embed.shape[1] - 1)
+    own = model.state_dict()
+    shape_bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if shape_bad:
+        raise InputError(f"{where}: shape mismatch for {', '.join(shape_bad[:5])}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # a tied tensor needs loading under only one of its names
+    missing = [k for k in missing if not _loaded_through_alias(model, k, sd)]
+    missing = [k for k in missing if k != "temp"]  # HF retrieval checkpoints carry no ITC temperature: keep 0.07
+    if strict and (missing or unexpected):
+        raise InputError(
+            f"{where}: weights do not match the model (missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+
+
+def _loaded_through_alias(model: BLIP, key: str, sd: dict[str, torch.Tensor]) -> bool:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    t = params.get(key)
+    if t is None:
+        return False
+    return any(k in sd and p is t for k, p in params.items() if k != key)
+
+
+# ---- original .pth -----------------------------------------------------------------------------------------------
+def _load_pth(p: Path, tokenizer: str | None) -> tuple[BLIP, Tokenizer]:
+    sd = read_pth(p)
+    cfg = config_from_state_dict(sd)
+    tok = _tokenizer_for_pth(p, tokenizer)
+    cfg.bos_token_id, cfg.enc_token_id = tok.bos_id, tok.enc_id
+    cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id = tok.pad_id, tok.cls_id, tok.sep_id
+    model = BLIP(cfg)
+    load_weights(model, sd, str(p))
+    return model, tok
+
+
+def read_pth(p: Path) -> dict[str, torch.Tensor]:
+    """Read an original/LAVIS checkpoint (`{"model": state_dict, ...}` or a bare state dict) without running code."""
+    import pickle
+
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(
+            f"refusing to load {p}: its pickle references code that loading would execute "
+            f"({str(e).splitlines()[0][:200]}). Only plain tensor checkpoints are accepted."
+        ) from None
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"cannot read {p} as a PyTorch checkpoint: {type(e).__name__}: {e}") from None
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise InputError(f"{p}: expected a state dict or {{'model': state_dict}}")
+    return sd
+
+
+def _count(sd: dict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := rx.match(k))})
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor]) -> BlipConfig:
+    """Infer sizes from tensor shapes (head dimension 64, as every released model)."""
+    try:
+        width = sd["visual_encoder.cls_token"].shape[-1]
+        patch = sd["visual_encoder.patch_embed.proj.weight"].shape[-1]
+        n = sd["visual_encoder.pos_embed"].shape[1] - 1
+        vision = VisionConfig(
+            image_size=math.isqrt(n) * patch,
+            patch_size=patch,
+            width=width,
+            depth=_count(sd, r"visual_encoder\.blocks\.(\d+)\."),
+            heads=width // 64,
+            mlp_dim=sd["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0],
+        )
+    except KeyError as e:
+        raise InputError(f"not a BLIP checkpoint: missing {e.args[0]}") from None
+    has_enc = "text_encoder.embeddings.word_embeddings.weight" in sd
+    has_dec = "text_decoder.bert.embeddings.word_embeddings.weight" in sd
+    if not (has_enc or has_dec):
+        raise InputError("not a BLIP checkpoint: no text_encoder.* or text_decoder.* weights")
+    pre = "text_encoder." if has_enc else "text_decoder.bert."
+    vocab, hidden = sd[pre + "embeddings.word_embeddings.weight"].shape
+    text = TextConfig(
+        vocab_size=vocab,
+        hidden=hidden,
+        layers=_count(sd, re.escape(pre) + r"encoder\.layer\.(\d+)\."),
+        heads=hidden // 64,
+        mlp_dim=sd[pre + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_positions=sd[pre + "embeddings.position_embeddings.weight"].shape[0],
+    )
+    shared = (
+        has_enc
+        and has_dec
+        and _tensors_equal(
+            sd,
+            "text_encoder.encoder.layer.0.intermediate.dense.weight",
+            "text_decoder.bert.encoder.layer.0.intermediate.dense.weight",
+        )
+    )
+    embed = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in sd else 256
+    return BlipConfig(
+        vision=vision, text=text, embed_dim=embed, text_encoder=has_enc, text_decoder=has_dec, share_text=bool(shared)
+    )
+
+
+def _tensors_equal(sd: dict, a: str, b: str) -> bool:
+    return a in sd and b in sd and sd[a].shape == sd[b].shape and bool(torch.equal(sd[a], sd[b]))
+
+
+def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
+    """--tokenizer SRC, else tokenizer files beside the .pth, else bert-base-uncased (+[DEC]/[ENC])."""
+    if tokenizer:
+        return Tokenizer.from_pretrained(tokenizer)
+    for cand in (p.parent / p.stem, p.parent):
+        if (cand / "tokenizer.json").exists() or (cand / "vocab.txt").exists():
+            return Tokenizer.from_pretrained(cand)
+    try:
+        from transformers import BertTokenizer
+
+        return Tokenizer(BertTokenizer.from_pretrained("bert-base-uncased"))
+    except Exception:  # noqa: BLE001
+        raise InputError(
+            f"{p} carries no tokenizer and bert-base-uncased could not be fetched (no network?). Pass "
+            f"--tokenizer DIR (a directory with vocab.txt or tokenizer.json), or put vocab.txt beside the .pth"
+        ) from None
+
+
+def save_pth(model: BLIP, path: str | os.PathLike) -> None:
+    """Export in the original format: `{"model": state_dict}` with the original key names."""
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    atomic_torch_save({"model": sd}, Path(path))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---- Hugging Face ------------------------------------------------------------------------------------------------
+_HF_VISION = [
+    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+    (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"visual_encoder.blocks.\1.norm\2."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+]
+
+
+def hf_to_native_key(k: str) -> str | None:
+    for pat, rep in _HF_VISION:
+        if re.match(pat, k):
+            return re.sub(pat, rep, k)
+    if k.startswith(("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")):
+        return None if k.endswith("cls.predictions.decoder.bias") else k
+    return None
+
+
+def native_to_hf_key(k: str) -> str:
+    rules = [
+        (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+        (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+        (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+        (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
+        (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
+        (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+        (r"^visual_encoder\.blocks\.(\d+)\.norm(\d)\.", r"vision_model.encoder.layers.\1.layer_norm\2."),
+        (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+    ]
+    for pat, rep in rules:
+        if re.match(pat, k):
+            return re.sub(pat, rep, k)
+    return k
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}: invalid JSON ({e})") from None
+
+
+def _read_hf_weights(p: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (p / "model.safetensors").exists():
+        return load_file(str(p / "model.safetensors"))
+    index = p / "model.safetensors.index.json"
+    if index.exists():
+        sd = {}
+        for f in sorted(set(_read_json(index)["weight_map"].values())):
+            sd.update(load_file(str(p / f)))
+        return sd
+    if (p / "pytorch_model.bin").exists():
+        return read_pth(p / "pytorch_model.bin")
+    raise InputError(f"{p}: no model.safetensors or pytorch_model.bin")
+
+
+def _load_hf(p: Path) -> tuple[BLIP, Tokenizer]:
+    hf = _read_json(p / "config.json")
+    arch = (hf.get("architectures") or ["BlipForConditionalGeneration"])[0]
+    layouts = {
+        "BlipForConditionalGeneration": (False, True),
+        "BlipForImageTextRetrieval": (True, False),
+        "BlipForQuestionAnswering": (True, True),
+    }
+    if arch not in layouts:
+        raise InputError(f"{p}: unsupported architecture {arch} (supported: {', '.join(layouts)})")
+    has_enc, has_dec = layouts[arch]
+    tc, vc = hf.get("text_config", {}), hf.get("vision_config", {})
+    d = BlipConfig()
+    vision = VisionConfig(
+        image_size=vc.get("image_size", 384),
+        patch_size=vc.get("patch_size", 16),
+        width=vc.get("hidden_size", 768),
+        depth=vc.get("num_hidden_layers", 12),
+        heads=vc.get("num_attention_heads", 12),
+        mlp_dim=vc.get("intermediate_size", 3072),
+        layer_norm_eps=vc.get("layer_norm_eps", 1e-5),
+    )
+    text = TextConfig(
+        vocab_size=tc.get("vocab_size", 30524),
+        hidden=tc.get("hidden_size", 768),
+        layers=tc.get("num_hidden_layers", 12),
+        heads=tc.get("num_attention_heads", 8),
+        mlp_dim=tc.get("intermediate_size", 3072),
+        max_positions=tc.get("max_position_embeddings", 512),
+        layer_norm_eps=tc.get("layer_norm_eps", 1e-12),
+    )
+    for act in (tc.get("hidden_act", "gelu"), vc.get("hidden_act", "gelu")):
+        if act != "gelu":
+            raise InputError(f"{p}: hidden_act {act!r} is not supported (BLIP uses gelu)")
+    tok = Tokenizer.from_pretrained(p)
+    cfg = BlipConfig(
+        vision=vision,
+        text=text,
+        embed_dim=hf.get("image_text_hidden_size", 256),
+        text_encoder=has_enc,
+        text_decoder=has_dec,
+        share_text=False,
+        pad_token_id=tc.get("pad_token_id", d.pad_token_id),
+        sep_token_id=tc.get("sep_token_id", d.sep_token_id),
+        bos_token_id=tc.get("bos_token_id", d.bos_token_id),
+        cls_token_id=tok.cls_id,
+        enc_token_id=tok.enc_id,
+    )
+    sd = {}
+    for k, v in _read_hf_weights(p).items():
+        nk = hf_to_native_key(k)
+        if nk is not None:
+            sd[nk] = v
+    model = BLIP(cfg)
+    load_weights(model, sd, str(p))
+    return model, tok
+
+
+def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, task: str = "auto") -> tuple[Path, str]:
+    """Write a directory that transformers' BlipForConditionalGeneration / BlipForImageTextRetrieval loads."""
+    from safetensors.torch import save_file
+    from transformers import BlipConfig as HFBlipConfig
+
+    c = model.config
+    if task == "auto":
+        task = "caption" if c.text_decoder else "retrieval"
+    if task == "caption" and not c.text_decoder:
+        raise InputError("--task caption needs a model with a text decoder (this one is a retrieval/filter model)")
+    if task == "retrieval" and not c.text_encoder:
+        raise InputError("--task retrieval needs a model with a text encoder (this one is a captioner)")
+    if task not in ("caption", "retrieval"):
+        raise InputError(f"--task must be auto, caption or retrieval, not {task!r}")
+    arch = "BlipForConditionalGeneration" if task == "caption" else "BlipForImageTextRetrieval"
+    v, t = c.vision, c.text
+    hf_cfg = HFBlipConfig(
+        text_config=dict(
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden,
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            intermediate_size=t.mlp_dim,
+            max_position_embeddings=t.max_positions,
+            layer_norm_eps=t.layer_norm_eps,
+            bos_token_id=c.bos_token_id,
+            pad_token_id=c.pad_token_id,
+            sep_token_id=c.sep_token_id,
+            eos_token_id=c.sep_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=v.width,
+            num_hidden_layers=v.depth,
+            num_attention_heads=v.heads,
+            intermediate_size=v.mlp_dim,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            layer_norm_eps=v.layer_norm_eps,
+        ),
+        image_text_hidden_size=c.embed_dim,
+    )
+    hf_cfg.architectures = [arch]
+    keep = (
+        ("visual_encoder.", "text_decoder.")
+        if task == "caption"
+        else ("visual_encoder.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
+    )
+    sd = {}
+    for k, val in model.state_dict().items():
+        if k.startswith(keep):
+            sd[native_to_hf_key(k)] = val.detach().cpu().clone().contiguous()
+    if task == "caption":
+        sd.pop("text_decoder.cls.predictions.decoder.weight", None)  # tied to the word embeddings in HF too
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        hf_cfg.save_pretrained(str(tmp))
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp)
+        from blip.data.transforms import CLIP_MEAN, CLIP_STD
+
+        pre = {
+            "image_processor_type": "BlipImageProcessor",
+            "processor_class": "BlipProcessor",
+            "do_resize": True,
+            "size": {"height": v.image_size, "width": v.image_size},
+            "resample": 3,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(CLIP_MEAN),
+            "image_std": list(CLIP_STD),
+            "do_convert_rgb": True,
+        }
+        (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, arch
+
+
+def resize_image(model: BLIP, image_size: int) -> BLIP:
+    """Rebuild the model for another image size, interpolating the position embeddings (e.g. 224 -> 384)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(model.config, vision=dataclasses.replace(model.config.vision, image_size=image_size))
+    new = BLIP(cfg)
+    load_weights(new, unique_state_dict(model), "resize")
+    return new

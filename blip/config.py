@@ -1,0 +1,161 @@
+"""Model configuration: dataclasses for the two towers and the whole BLIP model, plus named sizes.
+
+Sizes: `tiny` (tests and the laptop demo), `base` (ViT-B/16 + BERT-base, the paper's main model), `large`
+(ViT-L/16 + BERT-base text, as the paper). Token ids default to bert-base-uncased + [DEC] (30522) + [ENC] (30523).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from blip.errors import InputError
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    layer_norm_eps: float = 1e-6
+    drop_path: float = 0.0
+    """Stochastic depth rate (the original uses 0.1 for ViT-L)."""
+    grad_ckpt_layers: int = 0
+    """Activation-checkpoint the last N blocks while training (the original's ckpt_layer)."""
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 30524
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    max_positions: int = 512
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.0
+    """Hidden and attention dropout (BERT uses 0.1 during pre-training)."""
+
+
+@dataclass
+class BlipConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256
+    """Width of the ITC projection space (vision_proj / text_proj)."""
+    text_encoder: bool = True
+    """Build the text encoder (+ projections, ITM head): needed for ITC/ITM (filter, retrieval)."""
+    text_decoder: bool = True
+    """Build the image-grounded text decoder (LM head): needed for captioning."""
+    share_text: bool = True
+    """Encoder and decoder share everything except self-attention (the paper's best setting)."""
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    bos_token_id: int = 30522
+    enc_token_id: int = 30523
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlipConfig:
+        return from_dict(cls, d)
+
+
+def from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
+    """Build a (nested) dataclass from a dict; unknown keys and wrong types raise InputError naming the key."""
+    if not isinstance(d, dict):
+        raise InputError(f"{where or cls.__name__}: expected a table, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise InputError(f"unknown key(s) {', '.join(where + k for k in unknown)}; known: {', '.join(sorted(fields))}")
+    kwargs = {}
+    hints = _type_hints(cls)
+    for k, v in d.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            kwargs[k] = from_dict(t, v, where=f"{where}{k}.")
+        else:
+            kwargs[k] = check_type(v, t, f"{where}{k}")
+    return cls(**kwargs)
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def check_type(value: Any, t: Any, key: str) -> Any:
+    """Validate a config value against a field type; ints are accepted for floats. Returns the (coerced) value."""
+    import types
+    import typing
+
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(t)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return check_type(value, a, key)
+            except InputError:
+                pass
+        raise InputError(f"{key}: expected {t}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise InputError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(t)
+        inner = args[0] if args else Any
+        return [check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is typing.Literal:
+        if value not in typing.get_args(t):
+            raise InputError(f"{key}: expected one of {list(typing.get_args(t))}, got {value!r}")
+        return value
+    if t is Any:
+        return value
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if t is bool and not isinstance(value, bool):
+        raise InputError(f"{key}: expected true/false, got {value!r}")
+    if t is int and isinstance(value, bool):
+        raise InputError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(t, type) and not isinstance(value, t):
+        raise InputError(f"{key}: expected {t.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _text_base(vocab_size: int) -> TextConfig:
+    return TextConfig(vocab_size=vocab_size, hidden=768, layers=12, heads=12, mlp_dim=3072, dropout=0.1)
+
+
+SIZES = ("tiny", "base", "large")
+
+
+def model_config(size: str, vocab_size: int = 30524, image_size: int = 224, **overrides: Any) -> BlipConfig:
+    """A fresh-model config for a named size. `tiny` is small enough to pre-train on a laptop CPU in minutes."""
+    if size == "tiny":
+        vision = VisionConfig(image_size=image_size, patch_size=16, width=256, depth=2, heads=4, mlp_dim=1024)
+        text = TextConfig(vocab_size=vocab_size, hidden=256, layers=2, heads=4, mlp_dim=1024, max_positions=64)
+    elif size == "base":
+        vision = VisionConfig(image_size=image_size, width=768, depth=12, heads=12, mlp_dim=3072)
+        text = _text_base(vocab_size)
+    elif size == "large":
+        vision = VisionConfig(image_size=image_size, width=1024, depth=24, heads=16, mlp_dim=4096, drop_path=0.1)
+        text = _text_base(vocab_size)
+    else:
+        raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    cfg = BlipConfig(vision=vision, text=text, bos_token_id=vocab_size - 2, enc_token_id=vocab_size - 1)
+    return dataclasses.replace(cfg, **overrides)
