@@ -10,7 +10,9 @@ from PIL import Image
 
 from blip.tokenizer import Tokenizer
 
-WORDS = "a red blue green yellow circle square star triangle on the left right top bottom picture of small big there is".split()
+WORDS = (
+    "a red blue green yellow circle square star triangle on the left right top bottom picture of small big there is"
+).split()
 
 
 def tiny_tokenizer() -> Tokenizer:

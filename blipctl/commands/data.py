@@ -2,5 +2,6 @@
 
 import typer
 
-app = typer.Typer(help="Make and convert datasets: the synthetic demo world, annotation JSON to shards.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Make and convert datasets: the synthetic demo world, annotation JSON to shards.", no_args_is_help=True
+)
