@@ -34,7 +34,10 @@ DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
 DEFAULT_FILTER = "Salesforce/blip-itm-base-coco"
 
 # keys of the original checkpoints that are training state, not model weights
-_TRAINING_KEYS = re.compile(r"(_m\.|_m$|^image_queue$|^text_queue$|^idx_queue$|^queue_ptr$|^ptr_queue$|position_ids$)")
+_TRAINING_KEYS = re.compile(
+    r"(_m\.|_m$|^image_queue$|^text_queue$|^idx_queue$|^queue_ptr$|^ptr_queue$|position_ids$"
+    r"|cls\.predictions\.decoder\.bias$)"  # HF's alias of cls.predictions.bias
+)
 
 
 @dataclass
@@ -208,8 +211,9 @@ def _loaded_through_alias(model: BLIP, key: str, sd: dict[str, torch.Tensor]) ->
 
 # ---- original .pth -----------------------------------------------------------------------------------------------
 def _load_pth(p: Path, tokenizer: str | None) -> tuple[BLIP, Tokenizer]:
-    sd = read_pth(p)
-    cfg = config_from_state_dict(sd)
+    sd, embedded = read_pth(p, with_config=True)
+    hints = {"vision": embedded["vision"]["heads"], "text": embedded["text"]["heads"]} if embedded else {}
+    cfg = config_from_state_dict(sd, hints or _head_hints(p, tokenizer))
     tok = _tokenizer_for_pth(p, tokenizer)
     cfg.bos_token_id, cfg.enc_token_id = tok.bos_id, tok.enc_id
     cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id = tok.pad_id, tok.cls_id, tok.sep_id
@@ -218,8 +222,34 @@ def _load_pth(p: Path, tokenizer: str | None) -> tuple[BLIP, Tokenizer]:
     return model, tok
 
 
-def read_pth(p: Path) -> dict[str, torch.Tensor]:
-    """Read an original/LAVIS checkpoint (`{"model": state_dict, ...}` or a bare state dict) without running code."""
+def _head_hints(p: Path, tokenizer: str | None) -> dict[str, int]:
+    """Attention head counts, which a state dict cannot tell: from a blipctl/HF config.json beside the .pth
+    (or in the --tokenizer directory)."""
+    for d in (p.parent / p.stem, p.parent, Path(tokenizer) if tokenizer else None):
+        if d is None or not (d / "config.json").is_file():
+            continue
+        c = _read_json(d / "config.json")
+        if c.get("format") == FORMAT:
+            return {"vision": c["model"]["vision"]["heads"], "text": c["model"]["text"]["heads"]}
+        if "vision_config" in c or "text_config" in c:
+            return {
+                "vision": c.get("vision_config", {}).get("num_attention_heads", 12),
+                "text": c.get("text_config", {}).get("num_attention_heads", 12),
+            }
+    return {}
+
+
+def _heads(width: int, hint: int | None) -> int:
+    if hint:
+        return hint
+    return width // 64 if width % 64 == 0 else max(1, width // 8)  # released models: 64-dim heads
+
+
+def read_pth(p: Path, with_config: bool = False):
+    """Read an original/LAVIS checkpoint (`{"model": state_dict, ...}` or a bare state dict) without running code.
+
+    With `with_config`, also return the model config our own exports embed (`blipctl_config`), or None.
+    """
     import pickle
 
     try:
@@ -232,9 +262,10 @@ def read_pth(p: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001
         raise InputError(f"cannot read {p} as a PyTorch checkpoint: {type(e).__name__}: {e}") from None
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    embedded = obj.get("blipctl_config") if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise InputError(f"{p}: expected a state dict or {{'model': state_dict}}")
-    return sd
+    return (sd, embedded if isinstance(embedded, dict) else None) if with_config else sd
 
 
 def _count(sd: dict, pattern: str) -> int:
@@ -242,8 +273,10 @@ def _count(sd: dict, pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
-def config_from_state_dict(sd: dict[str, torch.Tensor]) -> BlipConfig:
-    """Infer sizes from tensor shapes (head dimension 64, as every released model)."""
+def config_from_state_dict(sd: dict[str, torch.Tensor], heads: dict[str, int] | None = None) -> BlipConfig:
+    """Infer sizes from tensor shapes; head counts from `heads` hints, else head dimension 64 (every released
+    model), else 8 for widths that are no multiple of 64 (tiny test models)."""
+    heads = heads or {}
     try:
         width = sd["visual_encoder.cls_token"].shape[-1]
         patch = sd["visual_encoder.patch_embed.proj.weight"].shape[-1]
@@ -253,7 +286,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> BlipConfig:
             patch_size=patch,
             width=width,
             depth=_count(sd, r"visual_encoder\.blocks\.(\d+)\."),
-            heads=width // 64,
+            heads=_heads(width, heads.get("vision")),
             mlp_dim=sd["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0],
         )
     except KeyError as e:
@@ -268,7 +301,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> BlipConfig:
         vocab_size=vocab,
         hidden=hidden,
         layers=_count(sd, re.escape(pre) + r"encoder\.layer\.(\d+)\."),
-        heads=hidden // 64,
+        heads=_heads(hidden, heads.get("text")),
         mlp_dim=sd[pre + "encoder.layer.0.intermediate.dense.weight"].shape[0],
         max_positions=sd[pre + "embeddings.position_embeddings.weight"].shape[0],
     )
@@ -312,7 +345,7 @@ def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
 def save_pth(model: BLIP, path: str | os.PathLike) -> None:
     """Export in the original format: `{"model": state_dict}` with the original key names."""
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    atomic_torch_save({"model": sd}, Path(path))
+    atomic_torch_save({"model": sd, "blipctl_config": model.config.to_dict()}, Path(path))
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -58,9 +58,11 @@ def iter_inputs(inputs: list[str], stats=None):
         if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
             try:
                 with Image.open(p) as im:
-                    yield str(p), to_rgb(im)
+                    im.load()  # decode now: the file closes when this block ends
+                    rgb = to_rgb(im)
             except Exception as e:  # noqa: BLE001
                 raise InputError(f"cannot read image {p}: {e}") from None
+            yield str(p), rgb
         elif p.is_dir() and not any(p.glob("*.tar")):
             files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
             if not files:

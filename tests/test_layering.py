@@ -1,0 +1,47 @@
+"""Project structure contracts: the library stays free of the CLI layer; the CLI has every designed command."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import blip
+from blipctl.cli import app
+
+DESIGNED = [
+    "pretrain",
+    "finetune-captioner",
+    "finetune-filter",
+    "capfilt",
+    "eval-retrieval",
+    "eval-caption",
+    "caption",
+    "score",
+    "run",
+    "data",
+    "export",
+]
+
+
+def test_blip_never_imports_cli_layer():
+    mods = [m.name for m in pkgutil.walk_packages(blip.__path__, "blip.")]
+    assert len(mods) > 8
+    code = (
+        "import importlib, sys\n"
+        f"for m in {mods!r}: importlib.import_module(m)\n"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('typer', 'rich', 'blipctl', 'click'))\n"
+        "print(','.join(bad))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"blip/ pulled in: {r.stdout}"
+
+
+def test_cli_has_every_designed_command():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    assert set(DESIGNED) <= set(group.commands), set(DESIGNED) - set(group.commands)
+    for name, cmd in group.commands.items():
+        assert cmd.help or getattr(cmd, "short_help", None), f"{name} has no help text"
