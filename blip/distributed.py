@@ -1,0 +1,160 @@
+"""torch.distributed plumbing for torchrun: process-group setup, gathers (with and without gradient), flags.
+
+Launch with `torchrun --nproc_per_node N -m blipctl <command> ...`; a plain `python -m blipctl ...` is one
+process and never touches torch.distributed (no "init_process_group" crash on a laptop, unlike the original).
+NCCL on GPU, gloo on CPU. Control flags (stop requested, data exhausted) travel on a gloo group even under
+NCCL, so checking them every step never blocks the CPU on the GPU stream.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    control_group: object | None = None
+    """A gloo process group for small CPU-side collectives (None when world_size == 1)."""
+    owns_group: bool = False
+    """This call created the process group (and `cleanup` destroys it); False when the caller had one."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun job described by the environment (WORLD_SIZE > 1), else run as one process.
+
+    device: "auto" picks the local rank's GPU when CUDA is available, else the CPU; "cpu" / "cuda" force it.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world <= 1:
+        return DistInfo(device=dev)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    control = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local,
+        device=dev,
+        control_group=control,
+        owns_group=owns,
+    )
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group if `init_distributed` created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier(group=info.control_group)
+
+
+def any_flag(info: DistInfo, *flags: bool) -> list[bool]:
+    """Element-wise OR of boolean flags across ranks (one tiny CPU all-reduce)."""
+    if not info.distributed:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control_group)
+    return [bool(v) for v in t.tolist()]
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (W*B, ...) concatenated in rank order; no gradient (momentum features, ids, token ids)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice.
+
+    Written here rather than `torch.distributed.nn.functional.all_gather` (deprecated in recent torch) so it
+    runs on gloo and NCCL alike. With a per-rank mean loss and DDP's gradient averaging this gives exactly the
+    gradient of the global mean loss (no world-size factor, cf. open_clip#616).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(ctx.world)[ctx.rank]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (W*B, ...) in rank order; gradients flow back to the rank that produced each slice."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over ranks (a copy; no gradient)."""
+    x = x.clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Average scalar metrics over ranks (for logging)."""
+    if not info.distributed or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=info.control_group)
+    return {k: v / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def all_gather_object(obj: object, info: DistInfo) -> list[object]:
+    """Every rank's `obj`, in rank order (RNG states for the checkpoint)."""
+    if not info.distributed:
+        return [obj]
+    out: list[object] = [None] * info.world_size
+    dist.all_gather_object(out, obj, group=info.control_group)
+    return out
+
+
+def broadcast_object(obj: object, info: DistInfo) -> object:
+    """Rank 0's `obj` on every rank (e.g. the checkpoint path to resume from)."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=info.control_group)
+    return box[0]

@@ -1,0 +1,274 @@
+"""CapFilt end to end on hand-made web shards with tiny random captioner and filter models."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import sharpen, tiny_tokenizer
+from typer.testing import CliRunner
+
+from blip.checkpoint import save_checkpoint
+from blip.config import BlipConfig, TextConfig, VisionConfig
+from blip.data.shards import SampleStats, iter_shard, write_shard
+from blip.model import BLIP
+from blipctl.cli import app
+
+runner = CliRunner()
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+THRESHOLD = "0.4559"  # the random filter's ITM probabilities cluster around 0.456: split them
+
+
+def micro(tok, **kw) -> BlipConfig:
+    return BlipConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=4, mlp_dim=64),
+        text=TextConfig(vocab_size=len(tok), hidden=32, layers=1, heads=4, mlp_dim=64, max_positions=64),
+        embed_dim=16,
+        bos_token_id=tok.bos_id,
+        enc_token_id=tok.enc_id,
+        pad_token_id=tok.pad_id,
+        cls_token_id=tok.cls_id,
+        sep_token_id=tok.sep_id,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tok = tiny_tokenizer()
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    cap = BLIP(micro(tok, text_encoder=False))
+    filt = BLIP(micro(tok, text_decoder=False))
+    sharpen(filt, 2.0)
+    save_checkpoint(cap, tok, d / "captioner")
+    save_checkpoint(filt, tok, d / "filter")
+    return d / "captioner", d / "filter"
+
+
+def png(seed: int) -> bytes:
+    arr = (np.random.default_rng(seed).random((40, 40, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    """5 web shards of 6 samples (one human sample, one bad image, noise labels on the web ones)."""
+    d = tmp_path_factory.mktemp("web")
+    words = "a red circle on the left;a small blue square;there is a big star;green triangle at the top".split(";")
+    for s in range(5):
+        samples = []
+        for i in range(6):
+            k = s * 6 + i
+            meta = {"image_id": k, "noise": bool(k % 3 == 0), "noise_kind": "junk" if k % 3 == 0 else None}
+            sample = {"__key__": f"s{k:04d}", "png": png(k), "txt": words[k % 4], "json": meta}
+            if i == 5:
+                sample["json"] = {"image_id": k, "captions": [{"text": "a human caption", "source": "human"}]}
+            samples.append(sample)
+        if s == 2:
+            samples[1]["png"] = b"not an image"
+        write_shard(d / f"web-{s:05d}.tar", samples)
+    return d
+
+
+def run(web, out, models, *extra):
+    cap, filt = models
+    return runner.invoke(
+        app,
+        [
+            "capfilt",
+            "--in",
+            str(web),
+            "--out",
+            str(out),
+            "--captioner",
+            str(cap),
+            "--filter",
+            str(filt),
+            "--num-captions",
+            "2",
+            "--batch-size",
+            "4",
+            "--threshold",
+            THRESHOLD,
+            *map(str, extra),
+        ],
+        catch_exceptions=False,
+    )
+
+
+def read_all(out: Path) -> dict[str, list]:
+    res = {}
+    for tar in sorted(out.glob("*.tar")):
+        for s in iter_shard(tar, SampleStats()):
+            res[s["key"]] = [(c["text"], c["source"]) for c in s["json"]["captions"]]
+    return res
+
+
+@pytest.fixture(scope="module")
+def reference(web, models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    r = run(web, out, models)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_counts_add_up_and_output_is_trainable(reference, web):
+    s = json.loads((reference / "capfilt.json").read_text())
+    assert s["complete"] and s["shards_done"] == 5
+    assert s["images_in"] == 29  # 30 samples, one undecodable image skipped and counted
+    assert s["bad_samples"] == {"undecodable_image": 1}
+    for src, c in s["counts"].items():
+        assert c["in"] == c["kept"] + c["dropped"], src
+    assert s["counts"]["web"]["in"] == 24 and s["counts"]["synthetic"]["in"] == 48
+    assert s["counts"]["human"] == {"in": 5, "kept": 5, "dropped": 0}
+    assert 0 < s["counts"]["web"]["kept"] < 24  # the random filter keeps some and drops some
+    f = s["filter_vs_noise_labels"]
+    assert f["tp"] + f["fp"] + f["fn"] + f["tn"] == 24 and 0 <= f["precision"] <= 1
+    assert sorted(p.name for p in reference.glob("*.tar")) == sorted(p.name for p in web.glob("*.tar"))
+    out = read_all(reference)
+    assert sum(len(v) for v in out.values()) == sum(c["kept"] for c in s["counts"].values())
+    # every output sample keeps the input image bytes unchanged, its json, and its first kept caption as txt
+    src = {x["key"]: x for t in sorted(web.glob("*.tar")) for x in iter_shard(t, SampleStats())}
+    for tar in reference.glob("*.tar"):
+        for x in iter_shard(tar, SampleStats()):
+            assert x["image_bytes"] == src[x["key"]]["image_bytes"]
+            assert x["text"] == x["json"]["captions"][0]["text"]
+            assert x["json"]["image_id"] == src[x["key"]]["json"]["image_id"]
+            assert all(c["itm"] is None or c["itm"] >= float(THRESHOLD) for c in x["json"]["captions"])
+    # the training loader reads it: one pair per kept caption
+    from blip.data.loader import build_train_loader
+
+    n = sum(
+        len(b["caption"])
+        for b in build_train_loader(str(reference), image_size=32, batch_size=1, num_workers=0, randaugment=False)
+    )
+    assert n == sum(len(v) for v in out.values())
+
+
+def test_rerun_of_finished_output_does_nothing(reference, web, models):
+    before = {p: p.stat().st_mtime_ns for p in reference.glob("*.tar")}
+    r = run(web, reference, models)
+    assert r.exit_code == 0 and "5 already done" in r.output
+    assert before == {p: p.stat().st_mtime_ns for p in reference.glob("*.tar")}
+
+
+def test_shard_index_jobs_equal_single_job(reference, web, models, tmp_path):
+    for i in range(2):
+        assert run(web, tmp_path, models, "--shard-index", i, "--num-shards", 2).exit_code == 0
+    assert read_all(tmp_path) == read_all(reference)
+    assert (
+        json.loads((tmp_path / "capfilt.json").read_text())["counts"]
+        == json.loads((reference / "capfilt.json").read_text())["counts"]
+    )
+
+
+def test_sigkill_then_rerun_gives_same_output(reference, web, models, tmp_path):
+    cap, filt = models
+    cmd = [
+        sys.executable,
+        "-m",
+        "blipctl",
+        "capfilt",
+        "--in",
+        str(web),
+        "--out",
+        str(tmp_path),
+        "--captioner",
+        str(cap),
+        "--filter",
+        str(filt),
+        "--num-captions",
+        "2",
+        "--batch-size",
+        "4",
+        "--threshold",
+        THRESHOLD,
+    ]
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("*.tar")):  # kill once one shard is out
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(list(tmp_path.glob("*.tar")))
+    assert 1 <= done <= 5
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.glob("*.tmp"))
+    assert read_all(tmp_path) == read_all(reference)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_single_job(reference, web, models, tmp_path):
+    cap, filt = models
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "blipctl",
+            "capfilt",
+            "--in",
+            str(web),
+            "--out",
+            str(tmp_path),
+            "--captioner",
+            str(cap),
+            "--filter",
+            str(filt),
+            "--num-captions",
+            "2",
+            "--batch-size",
+            "4",
+            "--threshold",
+            THRESHOLD,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_all(tmp_path) == read_all(reference)
+
+
+def test_report_html(reference):
+    from html.parser import HTMLParser
+
+    page = (reference / "report.html").read_text()
+    imgs = []
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                imgs.append(dict(attrs)["src"])
+
+    P().feed(page)
+    assert len(imgs) >= 5
+    for src in imgs:
+        with Image.open(reference / src) as im:
+            assert max(im.size) <= 160
+    assert "synthetic" in page and "dropped" in page and 'id="counts"' in page
+
+
+def test_bad_flags_exit_2(web, models, tmp_path):
+    r = run(web, tmp_path, models, "--shard-index", 3, "--num-shards", 2)
+    assert r.exit_code == 2 and "--shard-index" in r.output
+    r = run(web, tmp_path, (models[1], models[1]))
+    assert r.exit_code == 2 and "captioner" in r.output
