@@ -1,0 +1,275 @@
+"""Training tasks: a model (+ momentum encoders) and its losses, as nn.Modules whose forward returns named losses.
+
+One training loop (blip/train.py) serves all three; wrapping a task in DDP (broadcast_buffers=False, so the
+feature queues are never overwritten) makes gradient sync work.
+
+- PretrainTask: ITC (momentum + queue + distillation) + ITM (hard negatives) + LM, as BLIP_Pretrain.
+- CaptionerTask: LM with the prompt tokens masked, as BLIP_Decoder.
+- FilterTask: ITC with image-id positives + ITM with negatives outside the same image, as BLIP_Retrieval.
+
+Speed: the original recomputes the image's cross-attention K/V for 4B image copies per step (ITM positives,
+two negative sets, LM). Here each layer's K/V is computed once per image and shared: the positive pair and the
+negative text of an image are two rows over the same K/V (`rows_per_kv=2`), the negative images index-select
+it, and the decoder reuses it because its cross-attention modules *are* the encoder's (`shares_text`).
+
+Shapes: B local batch, W world size, L text length, N image tokens (+1 for [CLS]), E ITC width, Q queue size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from blip import distributed as D
+from blip.losses import IGNORE, itc_loss, itm_loss, lm_labels, positive_mask, sample_hard_negatives
+from blip.model.blip import BLIP, with_first_token
+from blip.model.med import KV
+from blip.model.momentum import Momentum
+
+Batch = dict[str, torch.Tensor]
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _global_mean(mean: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """A rank's mean over its `count` items -> its share of the mean over the global batch's items.
+
+    DDP averages the ranks' gradients, so each rank returns sum / global_count * W; under torchrun the loss then
+    does not depend on how items (tokens, valid ITM rows) fall on the ranks. One process: `mean` unchanged.
+    """
+    _, world = _rank_world()
+    if world == 1:
+        return mean
+    total = D.all_reduce_sum(count.float())
+    return mean * count * world / total.clamp(min=1)
+
+
+class _Task(nn.Module):
+    """Shared pieces; each task's forward reads top to bottom."""
+
+    def __init__(self, model: BLIP, weights: dict[str, float], seed: int = 0):
+        super().__init__()
+        self.model = model
+        self.weights = weights
+        self.seed = seed
+
+    def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights.get(k.removesuffix("_loss"), 1.0) * v for k, v in parts.items() if k.endswith("_loss"))
+
+    def lm(self, h: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """Decoder hidden (B, L, D) + labels (B, L) -> mean next-token loss over the real tokens.
+
+        Same value as `blip.losses.lm_loss`, but the LM head (D -> vocab) runs only on positions that have a
+        target: padding is never projected onto the vocabulary. Under torchrun the mean is over the tokens of
+        the global batch (`_global_mean`).
+        """
+        target = labels[:, 1:]  # (B, L-1)
+        keep = target != IGNORE
+        logits = self.model.text_decoder.logits(h[:, :-1][keep])  # (T, V), T real target tokens
+        count = keep.sum()
+        loss = nn.functional.cross_entropy(
+            logits.float(), target[keep], label_smoothing=label_smoothing, reduction="sum"
+        ) / count.clamp(min=1)  # (no tokens at all, e.g. prompt-only captions: 0, not NaN)
+        return _global_mean(loss, count)
+
+    def negative_generator(self, step: int, rank: int) -> torch.Generator:
+        """Per-step generator for hard-negative sampling: the draw depends on (seed, step, rank) only, so a
+        resumed run draws what the uninterrupted one did, and `rank=-1` gives every rank the same draw."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + rank + 1) % (2**63))
+
+
+class _ContrastiveMatching(_Task):
+    """ITC (momentum distillation, queues, id positives) + ITM (hard negatives): shared by pretrain and filter."""
+
+    def __init__(
+        self,
+        model: BLIP,
+        momentum: Momentum | None,
+        weights: dict[str, float],
+        negatives_all_ranks: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__(model, weights, seed)
+        self.momentum = momentum
+        self.negatives_all_ranks = negatives_all_ranks
+
+    def itc_and_itm(
+        self,
+        image: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        idx: torch.Tensor,
+        image_embeds: torch.Tensor,
+        image_kv: list[KV],
+        alpha: float,
+        step: int,
+        update_momentum: bool,
+    ) -> dict[str, torch.Tensor]:
+        m = self.model
+        rank, world = _rank_world()
+        B = ids.shape[0]
+        out: dict[str, torch.Tensor] = {}
+        use_itc = self.weights.get("itc", 1.0) > 0
+        if use_itc and self.momentum is None:
+            raise ValueError("ITC needs the momentum encoders and queues (a Momentum module)")
+
+        # ---- ITC: online features vs [momentum features of the global batch; queue] ---------------------------
+        image_feat = m.image_features(image_embeds).float()  # (B, E)
+        with torch.no_grad():
+            if use_itc:
+                if update_momentum:
+                    self.momentum.update(m)
+                img_m, txt_m = (t.float() for t in self.momentum.features(image, ids, mask))  # (B, E) each
+                img_m_world, txt_m_world = D.gather_no_grad(img_m), D.gather_no_grad(txt_m)  # (W*B, E)
+            idx_world = D.gather_no_grad(idx)  # (W*B,)
+        if use_itc:
+            text_feat = m.text_features(ids, mask).float()  # (B, E)
+            q = self.momentum
+            img_all = torch.cat([img_m_world, q.image_queue.float()])  # (W*B + Q, E)
+            txt_all = torch.cat([txt_m_world, q.text_queue.float()])
+            idx_all = torch.cat([idx_world, q.idx_queue])
+            itc = itc_loss(image_feat, text_feat, img_all, txt_all, idx, idx_all, m.temp, img_m, txt_m, alpha)
+            out["itc_loss"] = itc["itc_loss"]
+            q.enqueue(img_m_world, txt_m_world, idx_world)
+
+        # ---- ITM hard negatives: one negative image per text, one negative text per image -----------------------
+        if self.weights.get("itm", 1.0) <= 0:
+            return out
+        with torch.no_grad():
+            if self.negatives_all_ranks:
+                # every rank samples for the whole global batch with the same generator, then keeps its rows:
+                # identical to one process running the global batch
+                if use_itc:
+                    text_feat_d = text_feat.detach()
+                else:
+                    text_feat_d = m.text_features(ids, mask).float()
+                img_w, txt_w = D.gather_no_grad(image_feat.detach()), D.gather_no_grad(text_feat_d)  # (W*B, E)
+                sim_i2t = img_w @ txt_w.T / m.temp  # (W*B, W*B)
+                pos = positive_mask(idx_world, idx_world)
+                g = self.negative_generator(step, -1)
+                neg_img, ok_img = sample_hard_negatives(sim_i2t.T, pos, g)  # per text: an image index
+                neg_txt, ok_txt = sample_hard_negatives(sim_i2t, pos, g)  # per image: a text index
+                rows = slice(rank * B, (rank + 1) * B)
+                neg_img, ok_img, neg_txt, ok_txt = neg_img[rows], ok_img[rows], neg_txt[rows], ok_txt[rows]
+            else:
+                # in-batch on the local rank, as BLIP_Pretrain: columns of this rank's momentum batch
+                if use_itc:
+                    cols = slice(rank * B, (rank + 1) * B)
+                    sim_i2t, sim_t2i = itc["sim_i2t"][:, cols], itc["sim_t2i"][:, cols]  # (B, B)
+                else:
+                    sim_i2t = image_feat.detach() @ m.text_features(ids, mask).float().T / m.temp
+                    sim_t2i = sim_i2t.T
+                pos = positive_mask(idx, idx)
+                g = self.negative_generator(step, rank)
+                neg_img, ok_img = sample_hard_negatives(sim_t2i, pos, g)
+                neg_txt, ok_txt = sample_hard_negatives(sim_i2t, pos, g)
+
+        if self.negatives_all_ranks and world > 1:
+            ids_world, mask_world = D.gather_no_grad(ids), D.gather_no_grad(mask)
+            neg_ids, neg_mask = ids_world[neg_txt], mask_world[neg_txt]
+            embeds_world = D.gather_with_grad(image_embeds)  # (W*B, 1+N, Dv), gradients flow to their rank
+            neg_kv = m.text_encoder.image_kv(embeds_world[neg_img])
+        else:
+            neg_ids, neg_mask = ids[neg_txt], mask[neg_txt]
+            neg_kv = [(k[neg_img], v[neg_img]) for k, v in image_kv]  # (B, H, 1+N, d) per layer
+
+        # image i's positive text and its negative text are two rows over image i's K/V
+        L = ids.shape[1]
+        pair_ids = torch.stack([ids, neg_ids], 1).view(2 * B, L)  # (2B, L), image-major
+        pair_mask = torch.stack([mask, neg_mask], 1).view(2 * B, L)
+        logits_pn = m.itm_logits(pair_ids, pair_mask, image_kv=image_kv, rows_per_kv=2).view(B, 2, 2)
+        logits_ni = m.itm_logits(ids, mask, image_kv=neg_kv)  # (B, 2): text i with its negative image
+        logits = torch.cat([logits_pn[:, 0], logits_pn[:, 1], logits_ni])  # (3B, 2)
+        ones = torch.ones(B, dtype=torch.long, device=ids.device)
+        zeros_t = torch.where(ok_txt.to(ids.device), 0, IGNORE)
+        zeros_i = torch.where(ok_img.to(ids.device), 0, IGNORE)
+        labels = torch.cat([ones, zeros_t, zeros_i])
+        itm = itm_loss(logits, labels)
+        out["itm_loss"] = _global_mean(itm["itm_loss"], (labels != IGNORE).sum())  # rows without negatives vary
+        out["itm_acc"] = itm["itm_acc"]
+        return out
+
+
+class PretrainTask(_ContrastiveMatching):
+    """ITC + ITM + LM on noisy web pairs. Batch: image, input_ids, attention_mask, idx (unique per sample)."""
+
+    def __init__(
+        self,
+        model: BLIP,
+        momentum: Momentum | None,
+        weights: dict[str, float],
+        negatives_all_ranks: bool = False,
+        label_smoothing: float = 0.1,
+        seed: int = 0,
+    ):
+        if not (model.config.text_encoder and model.config.text_decoder):
+            raise ValueError("pre-training needs a model with both a text encoder and a text decoder")
+        super().__init__(model, momentum, weights, negatives_all_ranks, seed)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: Batch, alpha: float = 0.0, step: int = 0, update_momentum: bool = True) -> Batch:
+        m = self.model
+        image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            m.temp.clamp_(0.001, 0.5)
+        image_embeds = m.encode_image(image)  # (B, 1+N, Dv)
+        image_kv = m.text_encoder.image_kv(image_embeds)  # per layer (B, H, 1+N, d): once per image
+        out = self.itc_and_itm(image, ids, mask, batch["idx"], image_embeds, image_kv, alpha, step, update_momentum)
+        if self.weights.get("lm", 1.0) > 0:
+            dec_kv = image_kv if m.shares_text else m.text_decoder.bert.image_kv(image_embeds)
+            h = m.text_decoder.bert(with_first_token(ids, m.config.bos_token_id), mask, image_kv=dec_kv)
+            out["lm_loss"] = self.lm(h, lm_labels(ids, mask), self.label_smoothing)
+        out["loss"] = self.total(out)
+        return out
+
+
+class FilterTask(_ContrastiveMatching):
+    """ITC + ITM fine-tune (the CapFilt filter). Batch: image, input_ids, attention_mask, idx (image ids), so
+    every caption of the same image is an ITC positive and never an ITM negative."""
+
+    def __init__(
+        self,
+        model: BLIP,
+        momentum: Momentum | None,
+        weights: dict[str, float],
+        negatives_all_ranks: bool = True,
+        seed: int = 0,
+    ):
+        if not model.config.text_encoder:
+            raise ValueError("the filter needs a model with a text encoder")
+        super().__init__(model, momentum, weights, negatives_all_ranks, seed)
+
+    def forward(self, batch: Batch, alpha: float = 0.0, step: int = 0, update_momentum: bool = True) -> Batch:
+        m = self.model
+        image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            m.temp.clamp_(0.001, 0.5)
+        image_embeds = m.encode_image(image)  # (B, 1+N, Dv)
+        image_kv = m.text_encoder.image_kv(image_embeds)
+        out = self.itc_and_itm(image, ids, mask, batch["idx"], image_embeds, image_kv, alpha, step, update_momentum)
+        out["loss"] = self.total(out)
+        return out
+
+
+class CaptionerTask(_Task):
+    """LM fine-tune (the CapFilt captioner). Batch: image, input_ids, attention_mask of prompt + caption."""
+
+    def __init__(self, model: BLIP, prompt_length: int, label_smoothing: float = 0.1, seed: int = 0):
+        if not model.config.text_decoder:
+            raise ValueError("the captioner needs a model with a text decoder")
+        super().__init__(model, {"lm": 1.0}, seed)
+        self.prompt_length = prompt_length
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: Batch, alpha: float = 0.0, step: int = 0, update_momentum: bool = True) -> Batch:
+        m = self.model
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        image_embeds = m.encode_image(batch["image"])  # (B, 1+N, Dv)
+        h = m.text_decoder.bert(with_first_token(ids, m.config.bos_token_id), mask, image_embeds=image_embeds)
+        out = {"lm_loss": self.lm(h, lm_labels(ids, mask, self.prompt_length), self.label_smoothing)}
+        out["loss"] = self.total(out)
+        return out
