@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from blip.data.transforms import eval_transform
 from tiny_models import hf_model, make_images, tiny_tokenizer
 from typer.testing import CliRunner
 
 from blip.checkpoint import load_model, save_checkpoint
 from blip.config import BlipConfig, TextConfig, VisionConfig
+from blip.data.transforms import eval_transform
 from blip.model import BLIP
 from blipctl.cli import app
 

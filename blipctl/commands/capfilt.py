@@ -34,10 +34,9 @@ def run_capfilt(
     show_progress: bool = True,
 ) -> dict:
     """Run CapFilt over this process's share of the input shards; returns the summary (capfilt.json)."""
-    from blip.data.shards import expand_shards
-
     from blip.capfilt import Bootstrapper, CapfiltConfig, assign_shards, is_done, process_shard, summarize
     from blip.checkpoint import DEFAULT_CAPTIONER, DEFAULT_FILTER, load_model
+    from blip.data.shards import expand_shards
     from blip.distributed import barrier, cleanup, init_distributed
 
     info = init_distributed("auto" if device == "auto" else ("cpu" if device == "cpu" else "cuda"))

@@ -46,10 +46,10 @@ def _load(model: str, tokenizer: str | None, image_size: int | None, device: str
 # ---- inputs ------------------------------------------------------------------------------------------------------
 def iter_inputs(inputs: list[str], stats=None):
     """Yield (name, PIL RGB image) for image files, directories of images, and webdataset shards."""
-    from blip.data.shards import SampleStats, expand_shards, iter_shard
-    from blip.data.transforms import to_rgb
     from PIL import Image
 
+    from blip.data.shards import SampleStats, expand_shards, iter_shard
+    from blip.data.transforms import to_rgb
     from blip.errors import InputError
 
     stats = stats if stats is not None else SampleStats()
@@ -107,8 +107,8 @@ def caption_images(
 ):
     """Caption every input image; calls `on_result(name, caption)` per caption and returns the list of results."""
     import torch
-    from blip.data.transforms import eval_transform
 
+    from blip.data.transforms import eval_transform
     from blip.errors import InputError
     from blip.generation import GenerationConfig, generate
 
@@ -220,8 +220,8 @@ def score_texts(
 ) -> list[dict]:
     """ITM match probability and ITC cosine of one image against each text."""
     import torch
-    from blip.data.transforms import eval_transform
 
+    from blip.data.transforms import eval_transform
     from blip.errors import InputError
 
     if not texts:
