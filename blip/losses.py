@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+_EXCLUDED = -1e4
+"""Logit of an excluded ITC candidate: far below any real one (|sim| <= 1 / temp <= 1000), finite so that
+0 * log_softmax stays 0."""
 
 
 def positive_mask(idx: torch.Tensor, idx_all: torch.Tensor) -> torch.Tensor:
@@ -34,6 +37,7 @@ def itc_loss(
     image_feat_m: torch.Tensor | None = None,
     text_feat_m: torch.Tensor | None = None,
     alpha: float = 0.0,
+    valid: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Image-text contrastive loss.
 
@@ -43,9 +47,15 @@ def itc_loss(
     idx, idx_all: (B,), (C,) ids that define the positives (see `positive_mask`).
     image_feat_m, text_feat_m: (B, E) momentum features of this batch; with alpha > 0 they give the soft
         distillation targets.
+    valid: (C,) bool, False for queue slots not filled yet: left out of the softmax. The original fills the
+        queue with random vectors and keeps them as negatives; from scratch (no pre-trained towers) those make the
+        cheapest first move collapsing both towers onto one direction, which the queue then preserves.
     """
     sim_i2t = image_feat @ text_feat_all.T / temp  # (B, C)
     sim_t2i = text_feat @ image_feat_all.T / temp  # (B, C)
+    if valid is not None:
+        sim_i2t = sim_i2t.masked_fill(~valid, _EXCLUDED)
+        sim_t2i = sim_t2i.masked_fill(~valid, _EXCLUDED)
     pos = positive_mask(idx, idx_all).float()
     targets = pos / pos.sum(1, keepdim=True).clamp(min=1.0)
     t_i2t = t_t2i = targets
@@ -53,24 +63,30 @@ def itc_loss(
         if image_feat_m is None or text_feat_m is None:
             raise ValueError("momentum distillation (alpha > 0) needs image_feat_m and text_feat_m")
         with torch.no_grad():
-            t_i2t = alpha * (image_feat_m @ text_feat_all.T / temp).softmax(1) + (1 - alpha) * targets
-            t_t2i = alpha * (text_feat_m @ image_feat_all.T / temp).softmax(1) + (1 - alpha) * targets
+            m_i2t = image_feat_m @ text_feat_all.T / temp
+            m_t2i = text_feat_m @ image_feat_all.T / temp
+            if valid is not None:
+                m_i2t, m_t2i = m_i2t.masked_fill(~valid, _EXCLUDED), m_t2i.masked_fill(~valid, _EXCLUDED)
+            t_i2t = alpha * m_i2t.softmax(1) + (1 - alpha) * targets
+            t_t2i = alpha * m_t2i.softmax(1) + (1 - alpha) * targets
     loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * t_i2t).sum(1).mean()
     loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * t_t2i).sum(1).mean()
     return {"itc_loss": (loss_i2t + loss_t2i) / 2, "sim_i2t": sim_i2t.detach(), "sim_t2i": sim_t2i.detach()}
 
 
 def sample_hard_negatives(
-    sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None
+    sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None, hardness: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one negative column per row with probability softmax(sim) over the non-positive columns.
+    """Draw one negative column per row with probability softmax(hardness * sim) over the non-positive columns.
 
+    hardness 1 is the original; 0 draws negatives uniformly (easier ones: ITM learns from scratch on a world
+    full of near-duplicate scenes, where the hardest "negatives" are often true matches).
     sim: (B, C) similarity logits (already divided by the temperature); positives: (B, C) bool.
     Returns (index (B,), valid (B,) bool). Uses the Gumbel-max trick instead of torch.multinomial: it never
     picks a positive, never raises "invalid multinomial distribution" (NaN/inf/all-equal rows are fine), and a
     row without any negative (e.g. every caption in the batch is of the same image) comes back `valid=False`.
     """
-    s = torch.nan_to_num(sim.detach().float(), nan=0.0, posinf=1e4, neginf=-1e4).clamp(-1e4, 1e4)
+    s = torch.nan_to_num(sim.detach().float(), nan=0.0, posinf=1e4, neginf=-1e4).clamp(-1e4, 1e4) * hardness
     u = torch.rand(s.shape, generator=generator, device=s.device if generator is None else generator.device)
     gumbel = -torch.log(-torch.log(u.to(s.device).clamp(1e-20, 1.0 - 1e-7)))
     scores = (s + gumbel).masked_fill(positives, -float("inf"))

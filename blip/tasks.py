@@ -92,10 +92,13 @@ class _ContrastiveMatching(_Task):
         weights: dict[str, float],
         negatives_all_ranks: bool = False,
         seed: int = 0,
+        hardness: float = 1.0,
     ):
         super().__init__(model, weights, seed)
         self.momentum = momentum
         self.negatives_all_ranks = negatives_all_ranks
+        self.hardness = hardness
+        """ITM negatives ~ softmax(hardness * ITC similarity): 1 as the original, 0 uniform."""
 
     def itc_and_itm(
         self,
@@ -132,7 +135,8 @@ class _ContrastiveMatching(_Task):
             img_all = torch.cat([img_m_world, q.image_queue.float()])  # (W*B + Q, E)
             txt_all = torch.cat([txt_m_world, q.text_queue.float()])
             idx_all = torch.cat([idx_world, q.idx_queue])
-            itc = itc_loss(image_feat, text_feat, img_all, txt_all, idx, idx_all, m.temp, img_m, txt_m, alpha)
+            valid = torch.cat([torch.ones_like(idx_world, dtype=torch.bool), q.filled()])
+            itc = itc_loss(image_feat, text_feat, img_all, txt_all, idx, idx_all, m.temp, img_m, txt_m, alpha, valid)
             out["itc_loss"] = itc["itc_loss"]
             q.enqueue(img_m_world, txt_m_world, idx_world)
 
@@ -151,8 +155,8 @@ class _ContrastiveMatching(_Task):
                 sim_i2t = img_w @ txt_w.T / m.temp  # (W*B, W*B)
                 pos = positive_mask(idx_world, idx_world)
                 g = self.negative_generator(step, -1)
-                neg_img, ok_img = sample_hard_negatives(sim_i2t.T, pos, g)  # per text: an image index
-                neg_txt, ok_txt = sample_hard_negatives(sim_i2t, pos, g)  # per image: a text index
+                neg_img, ok_img = sample_hard_negatives(sim_i2t.T, pos, g, self.hardness)  # per text: an image index
+                neg_txt, ok_txt = sample_hard_negatives(sim_i2t, pos, g, self.hardness)  # per image: a text index
                 rows = slice(rank * B, (rank + 1) * B)
                 neg_img, ok_img, neg_txt, ok_txt = neg_img[rows], ok_img[rows], neg_txt[rows], ok_txt[rows]
             else:
@@ -165,8 +169,8 @@ class _ContrastiveMatching(_Task):
                     sim_t2i = sim_i2t.T
                 pos = positive_mask(idx, idx)
                 g = self.negative_generator(step, rank)
-                neg_img, ok_img = sample_hard_negatives(sim_t2i, pos, g)
-                neg_txt, ok_txt = sample_hard_negatives(sim_i2t, pos, g)
+                neg_img, ok_img = sample_hard_negatives(sim_t2i, pos, g, self.hardness)
+                neg_txt, ok_txt = sample_hard_negatives(sim_i2t, pos, g, self.hardness)
 
         if self.negatives_all_ranks and world > 1:
             ids_world, mask_world = D.gather_no_grad(ids), D.gather_no_grad(mask)
@@ -205,10 +209,11 @@ class PretrainTask(_ContrastiveMatching):
         negatives_all_ranks: bool = False,
         label_smoothing: float = 0.1,
         seed: int = 0,
+        hardness: float = 1.0,
     ):
         if not (model.config.text_encoder and model.config.text_decoder):
             raise ValueError("pre-training needs a model with both a text encoder and a text decoder")
-        super().__init__(model, momentum, weights, negatives_all_ranks, seed)
+        super().__init__(model, momentum, weights, negatives_all_ranks, seed, hardness)
         self.label_smoothing = label_smoothing
 
     def forward(self, batch: Batch, alpha: float = 0.0, step: int = 0, update_momentum: bool = True) -> Batch:
@@ -238,10 +243,11 @@ class FilterTask(_ContrastiveMatching):
         weights: dict[str, float],
         negatives_all_ranks: bool = True,
         seed: int = 0,
+        hardness: float = 1.0,
     ):
         if not model.config.text_encoder:
             raise ValueError("the filter needs a model with a text encoder")
-        super().__init__(model, momentum, weights, negatives_all_ranks, seed)
+        super().__init__(model, momentum, weights, negatives_all_ranks, seed, hardness)
 
     def forward(self, batch: Batch, alpha: float = 0.0, step: int = 0, update_momentum: bool = True) -> Batch:
         m = self.model

@@ -431,9 +431,11 @@ class Trainer:
         weights = {"itc": c.itc, "itm": c.itm, "lm": c.lm}
         seed = cfg.train.seed
         if cfg.task == "pretrain":
-            return PretrainTask(self.model, self.momentum, weights, c.negatives_all_ranks, c.label_smoothing, seed)
+            return PretrainTask(
+                self.model, self.momentum, weights, c.negatives_all_ranks, c.label_smoothing, seed, c.hard_negatives
+            )
         if cfg.task == "filter":
-            return FilterTask(self.model, self.momentum, weights, c.negatives_all_ranks, seed)
+            return FilterTask(self.model, self.momentum, weights, c.negatives_all_ranks, seed, c.hard_negatives)
         prompt_length = len(self.tok.encode_prompt(cfg.data.prompt)) if cfg.data.prompt else 0
         return CaptionerTask(self.model, prompt_length, c.label_smoothing, seed)
 

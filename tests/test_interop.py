@@ -73,7 +73,10 @@ def test_lm_logits_match_transformers(hf_caption, tok, images):
     with torch.no_grad():
         want = ref(pixel_values=px, input_ids=dec_ids, attention_mask=mask).logits
         got = m.lm_logits(ids, mask, m.encode_image(px))
+        same_text_other_images = m.lm_logits(ids[:1].repeat(3, 1), mask[:1].repeat(3, 1), m.encode_image(px))
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    # the images matter: a parity check on image-blind weights would prove little about the vision tower
+    assert (same_text_other_images[0] - same_text_other_images[1]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

@@ -111,3 +111,50 @@ def test_total_loss_sums_only_loss_keys():
     parts = {"itc_loss": torch.tensor(1.0), "itm_loss": torch.tensor(2.0), "itm_acc": torch.tensor(9.0)}
     assert float(total_loss(parts)) == 3.0
     assert float(total_loss(parts, {"itm_loss": 0.5})) == 2.0
+
+
+def test_itc_leaves_out_unfilled_queue_slots_exactly():
+    B, Q, E, alpha = 4, 6, 8, 0.4
+    img, txt, img_m, txt_m = unit(B, E, 0), unit(B, E, 1), unit(B, E, 2), unit(B, E, 3)
+    img_q, txt_q = unit(Q, E, 4), unit(Q, E, 5)
+    idx = torch.arange(B)
+    idx_all = torch.cat([idx, torch.full((Q,), -1)])
+    valid = torch.tensor([True] * B + [True, True, False, False, False, False])
+    temp = torch.tensor(0.07)
+    img_all, txt_all = torch.cat([img_m, img_q]), torch.cat([txt_m, txt_q])
+    got = itc_loss(img, txt, img_all, txt_all, idx, idx_all, temp, img_m, txt_m, alpha, valid)["itc_loss"]
+    keep = valid.nonzero().squeeze(1)
+    want = itc_loss(img, txt, img_all[keep], txt_all[keep], idx, idx_all[keep], temp, img_m, txt_m, alpha)["itc_loss"]
+    assert torch.isfinite(got) and torch.allclose(got, want, atol=1e-6)
+    everything = itc_loss(img, txt, img_all, txt_all, idx, idx_all, temp, img_m, txt_m, alpha)["itc_loss"]
+    assert not torch.allclose(got, everything, atol=1e-3)  # the random slots did count before
+
+
+def test_momentum_queue_tracks_filled_slots_and_size_zero_is_in_batch_only():
+    from blip.config import model_config
+    from blip.model.blip import BLIP
+    from blip.model.momentum import Momentum
+
+    model = BLIP(model_config("tiny", vocab_size=64, image_size=32))
+    q = Momentum(model, queue_size=5)
+    assert not q.filled().any()
+    q.enqueue(unit(3, 256, 0), unit(3, 256, 1), torch.arange(3))
+    assert q.filled().tolist() == [True, True, True, False, False]
+    q.enqueue(unit(3, 256, 2), unit(3, 256, 3), torch.arange(3))
+    assert q.filled().all() and int(q.queue_ptr) == 1
+    empty = Momentum(model, queue_size=0)
+    empty.enqueue(unit(3, 256, 0), unit(3, 256, 1), torch.arange(3))
+    assert empty.image_queue.shape == (0, 256) and empty.filled().shape == (0,)
+
+
+def test_hardness_zero_draws_negatives_uniformly_and_one_follows_similarity():
+    sim = torch.tensor([[0.0, 30.0, 0.0, 0.0]]).repeat(4000, 1)  # column 1 is by far the "hardest"
+    pos = torch.zeros_like(sim, dtype=torch.bool)
+    pos[:, 0] = True
+    g = torch.Generator().manual_seed(0)
+    hard, _ = sample_hard_negatives(sim, pos, g)
+    assert (hard == 1).all()
+    uniform, ok = sample_hard_negatives(sim, pos, g, hardness=0.0)
+    counts = torch.bincount(uniform, minlength=4)
+    assert counts[0] == 0 and ok.all()
+    assert all(abs(int(c) - 4000 / 3) < 150 for c in counts[1:]), counts

@@ -84,12 +84,16 @@ def test_pretrain_task_equals_the_original_computation(monkeypatch, all_ranks):
     tok = tiny_tokenizer()
     model = BLIP(micro_config(tok)).train()
     momentum = Momentum(model, queue_size=12)
+    # a full queue (as after the first queue_size / batch steps): then every slot counts, as in the original
+    feats = torch.nn.functional.normalize(torch.randn(2, 12, model.config.embed_dim), dim=-1)
+    momentum.enqueue(feats[0], feats[1], torch.full((12,), -1))
+    assert momentum.filled().all()
     task = tasks_mod.PretrainTask(model, momentum, {"itc": 1.0, "itm": 1.0, "lm": 1.0}, all_ranks)
     picks = []
     real = tasks_mod.sample_hard_negatives
 
-    def spy(sim, pos, g):
-        out = real(sim, pos, g)
+    def spy(sim, pos, g, hardness=1.0):
+        out = real(sim, pos, g, hardness)
         picks.append(out[0])
         return out
 
@@ -134,7 +138,9 @@ def test_filter_negatives_never_share_the_image(monkeypatch):
     model = BLIP(micro_config(tok))
     picks = []
     real = tasks_mod.sample_hard_negatives
-    monkeypatch.setattr(tasks_mod, "sample_hard_negatives", lambda s, p, g: picks.append(real(s, p, g)) or picks[-1])
+    monkeypatch.setattr(
+        tasks_mod, "sample_hard_negatives", lambda s, p, g, h=1.0: picks.append(real(s, p, g, h)) or picks[-1]
+    )
     task = tasks_mod.FilterTask(model, Momentum(model, queue_size=8), {"itc": 1.0, "itm": 1.0})
     images, captions, _ = synthetic_pairs(8)
     ids, mask = tok(captions, max_length=35, padding="max_length")

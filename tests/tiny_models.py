@@ -63,6 +63,10 @@ def hf_model(kind: str, tok: Tokenizer, out: Path, seed: int = 0):
     torch.manual_seed(seed)
     cls = BlipForConditionalGeneration if kind == "caption" else BlipForImageTextRetrieval
     m = cls(hf_config(tok)).eval()
+    with torch.no_grad():  # transformers initialises the vision tower with std 1e-10: every image would look alike
+        for name, p in m.named_parameters():
+            if name.startswith("vision_model") and p.dim() > 1:
+                p.normal_(0.0, 0.05)
     sharpen(m)
     m.save_pretrained(out)
     tok.save(out)

@@ -36,6 +36,8 @@ class Momentum(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(queue_size, e), dim=1))
         self.register_buffer("idx_queue", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_full", torch.zeros((), dtype=torch.bool))
+        """True once the queue wrapped around: every slot holds real features."""
 
     def pairs(self, model: BLIP) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         ours, theirs = [], []
@@ -67,13 +69,22 @@ class Momentum(nn.Module):
         text_feat = F.normalize(self.text_proj_m(h[:, 0]), dim=-1)
         return image_feat, text_feat
 
+    def filled(self) -> torch.Tensor:
+        """(Q,) bool: queue slots that hold real features (the rest still hold the random initial vectors)."""
+        slots = torch.arange(self.idx_queue.shape[0], device=self.idx_queue.device)
+        return (slots < self.queue_ptr) | self.queue_full
+
     @torch.no_grad()
     def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor) -> None:
         """Write a (gathered) batch into the circular queues, wrapping around the end."""
         q = self.image_queue.shape[0]
+        if q == 0:  # queue_size 0: in-batch negatives only
+            return
         n = min(image_feat.shape[0], q)
         pos = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % q
         self.image_queue[pos] = image_feat[-n:]
         self.text_queue[pos] = text_feat[-n:]
         self.idx_queue[pos] = idx[-n:]
+        if int(self.queue_ptr) + n >= q:
+            self.queue_full.fill_(True)
         self.queue_ptr.fill_(int((self.queue_ptr + n) % q))

@@ -1,0 +1,79 @@
+"""The recipe step that ends the demo: one table comparing pre-trainings (e.g. A on raw web vs B on CapFilt data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from blip.errors import InputError
+from blipctl._common import out as console
+
+METRICS = [
+    ("TR@1", "retrieval", "txt_r1"),
+    ("IR@1", "retrieval", "img_r1"),
+    ("R@mean", "retrieval", "r_mean"),
+    ("BLEU-4", "caption", "Bleu_4"),
+    ("CIDEr", "caption", "CIDEr"),
+]
+
+
+def _read(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"compare: results file not found: {p}")
+    return json.loads(p.read_text())
+
+
+def run_compare(
+    out: str,
+    retrieval: dict[str, str] | None = None,
+    caption: dict[str, str] | None = None,
+    capfilt: str | None = None,
+) -> dict:
+    """Tabulate models side by side (`retrieval`/`caption`: {label: results JSON}) plus the filter's quality."""
+    from rich.table import Table
+
+    retrieval, caption = retrieval or {}, caption or {}
+    labels = list(dict.fromkeys([*retrieval, *caption]))
+    if not labels:
+        raise InputError("compare: give at least one retrieval or caption results file")
+    res = {
+        "retrieval": {k: _read(v) for k, v in retrieval.items()},
+        "caption": {k: _read(v) for k, v in caption.items()},
+    }
+    rows: dict[str, dict[str, float | None]] = {}
+    for name, kind, key in METRICS:
+        rows[name] = {}
+        for lab in labels:
+            v = res[kind].get(lab, {})
+            v = v.get("metrics", v).get(key) if isinstance(v, dict) else None
+            rows[name][lab] = v
+    table = Table("metric", *labels, title="blipctl: pre-training comparison")
+    for name, vals in rows.items():
+        if all(v is None for v in vals.values()):
+            continue
+        best = max((v for v in vals.values() if v is not None), default=None)
+        cells = []
+        for lab in labels:
+            v = vals[lab]
+            text = "-" if v is None else f"{v:.2f}" if name in ("TR@1", "IR@1", "R@mean") else f"{v:.4f}"
+            cells.append(f"[bold]{text}[/]" if v is not None and v == best and len(labels) > 1 else text)
+        table.add_row(name, *cells)
+    result: dict = {"metrics": rows}
+    if capfilt:
+        s = _read(capfilt)
+        f = s.get("filter_vs_noise_labels")
+        if f:
+            result["filter"] = f
+            table.caption = (
+                f"filter vs known noise: noisy web captions removed {f['noisy_removed']:.1%}, "
+                f"clean kept {f['clean_kept']:.1%} (precision {f['precision']:.3f}, "
+                f"recall {f['recall']:.3f})"
+            )
+    console.print(table)
+    p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(p)
+    return result

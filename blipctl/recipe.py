@@ -1,0 +1,284 @@
+"""Recipes: TOML files that chain blipctl steps into one run (`blipctl run recipes/demo.toml`).
+
+    [recipe]
+    name = "demo"
+    out = "runs/demo"                 # default parent of every step's `out`
+    data = "/data/blip"               # optional: a data root, "${recipe.data}" in steps
+
+    [[step]]
+    name = "data"                     # unique; later steps refer to its keys as "${data.out}"
+    command = "data demo"             # a blipctl command (see STEP_COMMANDS)
+    scale = "full"                    # the command's own options, by their Python names
+
+A step is done when its `out` carries a marker whose signature (the step's resolved options plus the
+signatures of the steps it refers to) matches; done steps are skipped, so a rerun of a finished recipe does
+nothing, and changing a step reruns it and everything that depends on it. `--from STEP` reruns STEP and all
+later steps; `--only STEP` runs just that one. A failed step stops the run; earlier outputs stay intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import re
+import time
+import tomllib
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blip.config import check_type
+from blip.errors import InputError
+from blipctl.overrides import parse_value
+
+REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_.-]+)\}")
+MARKER = ".blipctl-step.json"
+RECIPE_KEYS = ("name", "out", "description", "data")
+"""[recipe] keys; `data` is a data root that steps refer to as "${recipe.data}"."""
+
+
+@dataclass
+class Step:
+    name: str
+    command: str
+    params: dict[str, Any]
+    deps: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    path: Path
+    meta: dict[str, Any]
+    steps: list[Step]
+
+
+def step_commands() -> dict[str, Callable[..., Any]]:
+    """Recipe command name -> in-process function (the same code the CLI subcommand runs)."""
+    from blipctl.commands import capfilt, data, evaluate, train
+    from blipctl.commands import compare as cmp
+
+    return {
+        "data demo": data.run_demo,
+        "data from-json": data.run_from_json,
+        "pretrain": train.run_pretrain,
+        "finetune-captioner": train.run_finetune_captioner,
+        "finetune-filter": train.run_finetune_filter,
+        "capfilt": capfilt.run_capfilt,
+        "eval-retrieval": evaluate.eval_retrieval,
+        "eval-caption": evaluate.eval_caption,
+        "compare": cmp.run_compare,
+    }
+
+
+def _deep_checks() -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """Checks beyond the option types: a training step's whole config (nested tables, ranges) as the run
+    would build it, so a typo in `optim = { lrr = 1 }` fails at load time, naming the key."""
+    from blipctl.commands.train import build_train_config
+
+    tasks = {"pretrain": "pretrain", "finetune-captioner": "captioner", "finetune-filter": "filter"}
+    return {cmd: (lambda params, task=task: build_train_config(task, **params)) for cmd, task in tasks.items()}
+
+
+# ---- loading and validation --------------------------------------------------------------------------------------
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Parse, apply `step.key=value` overrides, resolve references, and validate every step's options."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"recipe not found: {p}")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{p}: invalid TOML: {e}") from None
+    unknown = set(doc) - {"recipe", "step"}
+    if unknown:
+        raise InputError(f"{p}: unknown top-level key(s) {sorted(unknown)}; expected [recipe] and [[step]]")
+    meta = doc.get("recipe", {})
+    for k in meta:
+        if k not in RECIPE_KEYS:
+            raise InputError(f"{p}: unknown key recipe.{k} (known: {', '.join(RECIPE_KEYS)})")
+    raw_steps = doc.get("step", [])
+    if not raw_steps:
+        raise InputError(f"{p}: no [[step]] tables")
+    steps: list[Step] = []
+    for i, s in enumerate(raw_steps):
+        s = dict(s)
+        name, command = s.pop("name", None), s.pop("command", None)
+        if not name or not command:
+            raise InputError(f"{p}: step #{i + 1} needs `name` and `command`")
+        if any(st.name == name for st in steps):
+            raise InputError(f"{p}: duplicate step name {name!r}")
+        steps.append(Step(name, command, s))
+    for ov in overrides or []:
+        _apply_override(p, meta, steps, ov)
+    commands = step_commands()
+    for st in steps:
+        if st.command not in commands:
+            raise InputError(f"{p}: step {st.name}: unknown command {st.command!r} (known: {', '.join(commands)})")
+        key = out_key(commands[st.command])
+        default = str(Path(meta.get("out", "runs/" + (meta.get("name") or p.stem))) / st.name)
+        st.params.setdefault(key, st.params.pop("out", default))
+    resolved: dict[str, dict] = {"recipe": meta}
+    deep = _deep_checks()
+    for st in steps:
+        st.params, st.deps = _resolve(p, st, resolved)
+        _validate(p, st, commands[st.command])
+        if st.command in deep:
+            try:
+                deep[st.command](st.params)
+            except InputError as e:
+                raise InputError(f"{p}: step {st.name} ({st.command}): {e}") from None
+        resolved[st.name] = {**st.params, "out": st.params[out_key(commands[st.command])]}
+    return Recipe(p, meta, steps)
+
+
+def out_key(fn: Callable) -> str:
+    """The option naming a step's output (`out`, or `out_dir` for capfilt); recipes always call it `out`."""
+    return "out" if "out" in inspect.signature(fn).parameters else "out_dir"
+
+
+def _apply_override(p: Path, meta: dict, steps: list[Step], ov: str) -> None:
+    key, sep, raw = ov.partition("=")
+    if not sep or "." not in key:
+        raise InputError(f"override {ov!r}: expected STEP.KEY=VALUE (or recipe.KEY=VALUE)")
+    target, _, k = key.partition(".")
+    value = parse_value(raw)
+    if target == "recipe":
+        meta[k] = value
+        return
+    for st in steps:
+        if st.name == target:
+            node = st.params
+            *parents, last = k.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+            return
+    raise InputError(f"override {ov!r}: no step named {target!r} in {p}")
+
+
+def _resolve(p: Path, st: Step, done: dict[str, dict]) -> tuple[dict, list[str]]:
+    deps: list[str] = []
+
+    def sub(v: Any) -> Any:
+        if isinstance(v, str):
+
+            def one(m: re.Match) -> str:
+                ref, key = m.group(1), m.group(2)
+                if ref not in done:
+                    raise InputError(f"{p}: step {st.name}: ${{{ref}.{key}}} refers to no earlier step")
+                node: Any = done[ref]
+                for part in key.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        raise InputError(f"{p}: step {st.name}: ${{{ref}.{key}}}: step {ref} has no key {key!r}")
+                    node = node[part]
+                if ref != "recipe" and ref not in deps:
+                    deps.append(ref)
+                return str(node)
+
+            return REF.sub(one, v)
+        if isinstance(v, list):
+            return [sub(x) for x in v]
+        if isinstance(v, dict):
+            return {k: sub(x) for k, x in v.items()}
+        return v
+
+    return sub(st.params), deps
+
+
+def _validate(p: Path, st: Step, fn: Callable) -> None:
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
+    known = {n for n, prm in sig.parameters.items() if prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY)}
+    for k, v in st.params.items():
+        if k not in known:
+            raise InputError(
+                f"{p}: step {st.name} ({st.command}): unknown key {k!r}; known: {', '.join(sorted(known))}"
+            )
+        if k in hints:
+            st.params[k] = check_type(v, hints[k], f"{st.name}.{k}")
+    missing = [
+        n
+        for n, prm in sig.parameters.items()
+        if prm.default is inspect.Parameter.empty and n in known and n not in st.params
+    ]
+    if missing:
+        raise InputError(f"{p}: step {st.name} ({st.command}): missing required key(s) {missing}")
+
+
+# ---- running -----------------------------------------------------------------------------------------------------
+def signature(st: Step, sigs: dict[str, str]) -> str:
+    blob = json.dumps(
+        {"command": st.command, "params": st.params, "deps": {d: sigs[d] for d in st.deps}}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def marker_path(st: Step) -> Path:
+    out = Path(st.params.get("out") or st.params["out_dir"])
+    return out / MARKER if not out.suffix else out.with_name(f".{out.name}{MARKER}")
+
+
+def is_done(st: Step, sig: str) -> bool:
+    mk = marker_path(st)
+    try:
+        return json.loads(mk.read_text()).get("signature") == sig
+    except (OSError, ValueError):
+        return False
+
+
+def plan(recipe: Recipe) -> list[tuple[Step, bool]]:
+    """Each step with whether it is done (its marker matches its current signature)."""
+    sigs: dict[str, str] = {}
+    out = []
+    for st in recipe.steps:
+        sigs[st.name] = signature(st, sigs)
+        out.append((st, is_done(st, sigs[st.name])))
+    return out
+
+
+def run_recipe(
+    recipe: Recipe,
+    from_step: str | None = None,
+    only: str | None = None,
+    on_event: Callable[[str, Step, dict], None] | None = None,
+    call: Callable[[Step, Callable[..., Any]], Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or skip) each step in order; returns {step name: result or 'skipped'}.
+
+    `call(step, fn)` runs one step's function (the CLI passes one that draws progress); default `fn(**params)`.
+    """
+    names = [s.name for s in recipe.steps]
+    for flag, v in (("--from", from_step), ("--only", only)):
+        if v is not None and v not in names:
+            raise InputError(f"{flag} {v!r}: no such step (steps: {', '.join(names)})")
+    commands = step_commands()
+    sigs: dict[str, str] = {}
+    results: dict[str, Any] = {}
+    forced = False
+    for st in recipe.steps:
+        sigs[st.name] = signature(st, sigs)
+        forced = forced or st.name == from_step
+        if only is not None and st.name != only:
+            continue
+        mk = marker_path(st)
+        if is_done(st, sigs[st.name]) and not forced and only is None:
+            results[st.name] = "skipped"
+            if on_event:
+                on_event("skip", st, {})
+            continue
+        if on_event:
+            on_event("start", st, {})
+        t0 = time.perf_counter()
+        mk.unlink(missing_ok=True)
+        fn = commands[st.command]
+        result = call(st, fn) if call is not None else fn(**st.params)
+        info = {"signature": sigs[st.name], "step": st.name, "command": st.command, "seconds": time.perf_counter() - t0}
+        mk.parent.mkdir(parents=True, exist_ok=True)
+        mk.write_text(json.dumps(info, indent=1))
+        results[st.name] = result
+        if on_event:
+            on_event("done", st, info)
+    return results

@@ -1,0 +1,175 @@
+"""`blipctl run`: every recipe in recipes/ validates; the runner skips finished steps, reruns from a step, stops
+at a failed step with earlier outputs intact, and names unknown keys and bad references (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from blip.errors import InputError
+from blipctl.cli import app
+from blipctl.recipe import MARKER, load_recipe, run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+runner = CliRunner()
+
+
+def test_there_are_recipes():
+    names = {p.name for p in RECIPES}
+    assert {"demo.toml", "blip-base-14m.toml", "coco-finetune.toml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_validates(path, tmp_path):
+    r = load_recipe(path, [f"recipe.out={tmp_path}"])
+    assert r.steps
+    for st in r.steps:
+        out = st.params.get("out") or st.params.get("out_dir")
+        assert out and "${" not in json.dumps(st.params), st.name  # every reference resolved
+    r = runner.invoke(app, ["run", str(path), "--dry-run", f"recipe.out={tmp_path}"])
+    assert r.exit_code == 0, r.output
+
+
+def test_demo_recipe_is_the_bootstrap():
+    r = load_recipe(ROOT / "recipes" / "demo.toml")
+    by = {s.name: s for s in r.steps}
+    cmds = [s.command for s in r.steps]
+    assert cmds[:6] == ["data demo", "pretrain", "finetune-captioner", "finetune-filter", "capfilt", "pretrain"]
+    a, b = by["pretrain_a"], by["pretrain_b"]
+    assert by["capfilt"].params["inputs"].endswith("/web")
+    assert by["capfilt"].params["captioner"] == by["captioner"].params["out"]
+    assert by["capfilt"].params["filter"] == by["filter"].params["out"]
+    assert b.params["data"]["train"][1] == by["capfilt"].params["out_dir"]
+    assert "init" not in b.params  # B is fresh, as the paper
+    # the same compute budget for both pre-trainings
+    assert a.params["max_steps"] == b.params["max_steps"] and a.params["batch_size"] == b.params["batch_size"]
+    assert {k: v for k, v in a.params["data"].items() if k != "train"} == {
+        k: v for k, v in b.params["data"].items() if k != "train"
+    }
+    assert by["compare"].params["capfilt"].endswith("capfilt.json")
+
+
+# ---- the runner on real, fast steps ---------------------------------------------------------------------------------
+def _write(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "r.toml"
+    p.write_text(f'[recipe]\nname = "t"\nout = "{tmp_path / "out"}"\n' + body)
+    return p
+
+
+DATA = '[[step]]\nname = "data"\ncommand = "data demo"\nscale = "small"\nnoise = 0.25\n'
+DATA2 = '[[step]]\nname = "data2"\ncommand = "data demo"\nscale = "small"\nseed = 1\n'
+
+
+def test_rerun_skips_finished_steps_and_from_reruns(tmp_path):
+    p = _write(tmp_path, DATA + DATA2)
+    res = run_recipe(load_recipe(p))
+    assert res["data"]["counts"]["web"]["noisy"] == 300 if "counts" in res["data"] else True
+    data_dir = tmp_path / "out" / "data"
+    assert (data_dir / MARKER).is_file() and (data_dir / "world.json").is_file()
+    stamp = (data_dir / "world.json").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert run_recipe(load_recipe(p)) == {"data": "skipped", "data2": "skipped"}
+    assert time.perf_counter() - t0 < 30
+    assert (data_dir / "world.json").stat().st_mtime_ns == stamp
+    res = run_recipe(load_recipe(p), from_step="data2")
+    assert res["data"] == "skipped" and res["data2"] != "skipped"
+    res = run_recipe(load_recipe(p), only="data")
+    assert list(res) == ["data"] and res["data"] != "skipped"
+    # changing a step's option reruns it
+    res = run_recipe(load_recipe(p, ["data.noise=0.5"]))
+    assert res["data"] != "skipped"
+
+
+def test_failed_step_stops_the_run_and_keeps_earlier_outputs(tmp_path):
+    bad = '[[step]]\nname = "ret"\ncommand = "eval-retrieval"\ndataset = "${data.out}/test/test.json"\n'
+    bad += f'model = "{tmp_path / "no-such-model"}"\n'
+    after = '[[step]]\nname = "late"\ncommand = "data demo"\nscale = "small"\nseed = 3\n'
+    p = _write(tmp_path, DATA + bad + after)
+    r = runner.invoke(app, ["run", str(p)])
+    assert r.exit_code == 2, r.output
+    assert "no-such-model" in r.output and "Traceback" not in r.output
+    assert (tmp_path / "out" / "data" / MARKER).is_file()
+    assert not (tmp_path / "out" / "late").exists()
+    r = runner.invoke(app, ["run", str(p), "--dry-run"])
+    flat = " ".join(r.output.split())
+    assert "done data (" in flat and "to run ret (" in flat and "to run late (" in flat, flat
+
+
+@pytest.mark.parametrize(
+    ("body", "overrides", "needle"),
+    [
+        (DATA + 'colour = "red"\n', [], "unknown key 'colour'"),
+        (DATA + '[[step]]\nname = "x"\ncommand = "capfilt"\ninputs = "${dta.out}/web"\n', [], "${dta.out}"),
+        (DATA + '[[step]]\nname = "x"\ncommand = "capfilt"\ninputs = "${data.nope}"\n', [], "no key 'nope'"),
+        (DATA + '[[step]]\nname = "x"\ncommand = "blip-it"\n', [], "unknown command 'blip-it'"),
+        (DATA, ["data.scale=3"], "data.scale"),
+        (DATA, ["nostep.scale=full"], "no step named 'nostep'"),
+        (
+            DATA + '[[step]]\nname = "pt"\ncommand = "pretrain"\ndata = ["${data.out}/web"]\noptim = { lrr = 1 }\n',
+            [],
+            "optim.lrr",
+        ),
+        (
+            DATA + '[[step]]\nname = "pt"\ncommand = "pretrain"\ndata = ["${data.out}/web"]\n',
+            ["pt.train.max_steps='ten'"],
+            "train.max_steps",
+        ),
+        ('[recipe2]\nname = "x"\n', [], "recipe2"),
+    ],
+)
+def test_bad_recipes_exit_2_naming_the_key(tmp_path, body, overrides, needle):
+    p = _write(tmp_path, body)
+    with pytest.raises(InputError, match=None) as e:
+        load_recipe(p, overrides)
+    assert needle in str(e.value)
+    r = runner.invoke(app, ["run", str(p), *overrides])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert needle.split("'")[0].strip() in " ".join(r.output.split())
+
+
+def test_missing_recipe_file(tmp_path):
+    r = runner.invoke(app, ["run", str(tmp_path / "nope.toml")])
+    assert r.exit_code == 2 and "nope.toml" in r.output
+
+
+CI_DEMO = [
+    "data.scale=small",
+    "pretrain_a.max_steps=8",
+    "pretrain_b.max_steps=8",
+    "captioner.max_steps=4",
+    "filter.max_steps=4",
+]
+
+
+@pytest.mark.slow
+def test_demo_recipe_end_to_end_at_reduced_scale(tmp_path):
+    """The real `blipctl run recipes/demo.toml` (CI scale): every step runs, the table is written, a rerun of the
+    finished recipe does nothing."""
+    import os
+    import subprocess
+    import sys
+
+    blipctl = Path(sys.executable).parent / "blipctl"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "BLIPCTL_PROGRESS": "0"}
+    args = [str(blipctl), "run", str(ROOT / "recipes" / "demo.toml"), f"recipe.out={tmp_path}", *CI_DEMO]
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = json.loads((tmp_path / "compare.json").read_text())
+    for label in ("A", "B"):
+        for key in ("TR@1", "IR@1", "R@mean", "BLEU-4", "CIDEr"):
+            assert isinstance(table["metrics"][key][label], float), (key, label, table)
+    f = table["filter"]
+    assert 0.0 <= f["precision"] <= 1.0 and 0.0 <= f["recall"] <= 1.0
+    summary = json.loads((tmp_path / "capfilt" / "capfilt.json").read_text())
+    assert summary["images_in"] == 1200  # all 8 small web shards
+    for src, c in summary["counts"].items():
+        assert c["in"] == c["kept"] + c["dropped"], src
+    t0 = time.perf_counter()
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stderr.count("skipped") == 12, r.stderr
+    assert time.perf_counter() - t0 < 30
