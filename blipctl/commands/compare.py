@@ -48,7 +48,7 @@ def run_compare(
             v = res[kind].get(lab, {})
             v = v.get("metrics", v).get(key) if isinstance(v, dict) else None
             rows[name][lab] = v
-    table = Table("metric", *labels, title="blipctl: pre-training comparison")
+    table = Table("metric", *labels, title="blipctl: pre-training comparison (recall %, caption scores x 100)")
     for name, vals in rows.items():
         if all(v is None for v in vals.values()):
             continue
@@ -56,7 +56,8 @@ def run_compare(
         cells = []
         for lab in labels:
             v = vals[lab]
-            text = "-" if v is None else f"{v:.2f}" if name in ("TR@1", "IR@1", "R@mean") else f"{v:.4f}"
+            scale = 1.0 if name in ("TR@1", "IR@1", "R@mean") else 100.0  # recall in percent; captions x 100
+            text = "-" if v is None else f"{v * scale:.2f}"
             cells.append(f"[bold]{text}[/]" if v is not None and v == best and len(labels) > 1 else text)
         table.add_row(name, *cells)
     result: dict = {"metrics": rows}
