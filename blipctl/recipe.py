@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import re
 import time
 import tomllib
@@ -276,8 +277,11 @@ def run_recipe(
         fn = commands[st.command]
         result = call(st, fn) if call is not None else fn(**st.params)
         info = {"signature": sigs[st.name], "step": st.name, "command": st.command, "seconds": time.perf_counter() - t0}
-        mk.parent.mkdir(parents=True, exist_ok=True)
-        mk.write_text(json.dumps(info, indent=1))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun (`--only STEP`), rank 0 marks the step done
+            mk.parent.mkdir(parents=True, exist_ok=True)
+            tmp = mk.with_name(mk.name + ".tmp")
+            tmp.write_text(json.dumps(info, indent=1))
+            tmp.replace(mk)
         results[st.name] = result
         if on_event:
             on_event("done", st, info)

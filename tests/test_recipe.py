@@ -85,6 +85,16 @@ def test_rerun_skips_finished_steps_and_from_reruns(tmp_path):
     assert res["data"] != "skipped"
 
 
+def test_only_rank_zero_marks_a_step_done(tmp_path, monkeypatch):
+    p = _write(tmp_path, DATA)
+    monkeypatch.setenv("RANK", "1")
+    run_recipe(load_recipe(p))
+    assert (tmp_path / "out" / "data" / "world.json").is_file() and not (tmp_path / "out" / "data" / MARKER).exists()
+    monkeypatch.setenv("RANK", "0")
+    assert run_recipe(load_recipe(p))["data"] != "skipped"
+    assert (tmp_path / "out" / "data" / MARKER).is_file()
+
+
 def test_failed_step_stops_the_run_and_keeps_earlier_outputs(tmp_path):
     bad = '[[step]]\nname = "ret"\ncommand = "eval-retrieval"\ndataset = "${data.out}/test/test.json"\n'
     bad += f'model = "{tmp_path / "no-such-model"}"\n'
