@@ -18,11 +18,13 @@ later steps; `--only STEP` runs just that one. A failed step stops the run; earl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
 import os
 import re
+import shutil
 import time
 import tomllib
 import typing
@@ -240,6 +242,29 @@ def plan(recipe: Recipe) -> list[tuple[Step, bool]]:
     return out
 
 
+TRAIN_COMMANDS = ("pretrain", "finetune-captioner", "finetune-filter")
+
+
+def _prepare_rerun(st: Step, mk: Path) -> Step:
+    """A step that finished before (its marker exists) but runs again (changed, --from, --only) starts clean: its
+    old output is removed, since training refuses a used --out and CapFilt would keep its finished shards. A step
+    that never finished (a killed run: no marker) continues instead: training with --resume auto, CapFilt by
+    skipping its finished shards."""
+    out = Path(st.params.get("out") or st.params["out_dir"])
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if mk.exists():
+        if rank0:
+            if mk.parent == out:  # a directory output holding our marker: ours to replace
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                out.unlink(missing_ok=True)
+                mk.unlink(missing_ok=True)
+        return st
+    if st.command in TRAIN_COMMANDS and st.params.get("resume") is None and (out / "latest").exists():
+        return dataclasses.replace(st, params={**st.params, "resume": "auto"})
+    return st
+
+
 def run_recipe(
     recipe: Recipe,
     from_step: str | None = None,
@@ -273,9 +298,9 @@ def run_recipe(
         if on_event:
             on_event("start", st, {})
         t0 = time.perf_counter()
-        mk.unlink(missing_ok=True)
+        run_st = _prepare_rerun(st, mk)
         fn = commands[st.command]
-        result = call(st, fn) if call is not None else fn(**st.params)
+        result = call(run_st, fn) if call is not None else fn(**run_st.params)
         info = {"signature": sigs[st.name], "step": st.name, "command": st.command, "seconds": time.perf_counter() - t0}
         if os.environ.get("RANK", "0") == "0":  # under torchrun (`--only STEP`), rank 0 marks the step done
             mk.parent.mkdir(parents=True, exist_ok=True)

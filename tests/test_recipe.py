@@ -186,3 +186,29 @@ def test_demo_recipe_end_to_end_at_reduced_scale(tmp_path):
     steps = len(load_recipe(ROOT / "recipes" / "demo.toml").steps)
     assert r.returncode == 0 and r.stderr.count("done, skipped") == steps, r.stderr
     assert time.perf_counter() - t0 < 30
+
+
+PT = (
+    '[[step]]\nname = "pt"\ncommand = "pretrain"\nmodel_size = "tiny"\nbatch_size = 8\nmax_steps = 2\n'
+    'data = { train = ["${data.out}/web"], num_workers = 0, num_samples = 64 }\nmodel = { image_size = 32 }\n'
+    'train = { log_every = 1, device = "cpu" }\nloss = { queue_size = 16 }\n'
+)
+
+
+def test_changed_training_step_reruns_clean_and_a_killed_one_resumes(tmp_path):
+    p = _write(tmp_path, DATA + PT)
+    run_recipe(load_recipe(p))
+    pt = tmp_path / "out" / "pt"
+    steps = [json.loads(ln)["step"] for ln in (pt / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and (pt / MARKER).is_file()
+    # changed: the finished output is replaced (training would refuse a used --out)
+    res = run_recipe(load_recipe(p, ["pt.max_steps=3"]))
+    assert res["data"] == "skipped" and res["pt"]["step"] == 3
+    steps = [json.loads(ln)["step"] for ln in (pt / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    # killed before it finished (no marker): the rerun continues from the last checkpoint
+    (pt / MARKER).unlink()
+    res = run_recipe(load_recipe(p, ["pt.max_steps=5"]))
+    assert res["pt"]["step"] == 5
+    steps = [json.loads(ln)["step"] for ln in (pt / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # steps 1-3 kept: resumed, not restarted
