@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tiny_models import hf_config, sharpen
 
 from blip.config import BlipConfig, TextConfig, VisionConfig
 from blip.eval.common import image_batches
@@ -27,44 +28,12 @@ def tiny_tok() -> Tokenizer:
     return Tokenizer.train(CAPTIONS * 3 + words, vocab_size=100)
 
 
-def sharpen(model: torch.nn.Module, factor: float = 3.0) -> None:
-    """Random BERT-style init gives nearly flat logits; scale the matrices so rankings are clear-cut."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(factor)
-
-
 def hf_retrieval_model(tok: Tokenizer, seed: int = 0, image_size: int = 32):
-    """A tiny random transformers BlipForImageTextRetrieval: hidden 32, 2 layers, 4 heads, 32 px, patch 8."""
-    from transformers import BlipConfig as HFBlipConfig
+    """A tiny random transformers BlipForImageTextRetrieval (tiny_models.hf_config), every matrix drawn at std 0.1."""
     from transformers import BlipForImageTextRetrieval
 
-    cfg = HFBlipConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            bos_token_id=tok.bos_id,
-            pad_token_id=tok.pad_id,
-            sep_token_id=tok.sep_id,
-            eos_token_id=tok.sep_id,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=8,
-        ),
-        image_text_hidden_size=16,
-    )
     torch.manual_seed(seed)
-    model = BlipForImageTextRetrieval(cfg).eval()
+    model = BlipForImageTextRetrieval(hf_config(tok, image_size)).eval()
     with torch.no_grad():  # HF initialises the vision tower at std 1e-10: every image would look the same
         for p in model.parameters():
             if p.dim() > 1:
