@@ -49,6 +49,8 @@ class Step:
     command: str
     params: dict[str, Any]
     deps: list[str] = field(default_factory=list)
+    out: str = ""
+    """The step's resolved output (its `out` option, `out_dir` for capfilt)."""
 
 
 @dataclass
@@ -128,12 +130,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for st in steps:
         st.params, st.deps = _resolve(p, st, resolved)
         _validate(p, st, commands[st.command])
+        st.out = st.params[out_key(commands[st.command])]
         if st.command in deep:
             try:
                 deep[st.command](st.params)
             except InputError as e:
                 raise InputError(f"{p}: step {st.name} ({st.command}): {e}") from None
-        resolved[st.name] = {**st.params, "out": st.params[out_key(commands[st.command])]}
+        resolved[st.name] = {**st.params, "out": st.out}
     return Recipe(p, meta, steps)
 
 
@@ -220,7 +223,7 @@ def signature(st: Step, sigs: dict[str, str]) -> str:
 
 
 def marker_path(st: Step) -> Path:
-    out = Path(st.params.get("out") or st.params["out_dir"])
+    out = Path(st.out)
     return out / MARKER if not out.suffix else out.with_name(f".{out.name}{MARKER}")
 
 
@@ -250,7 +253,7 @@ def _prepare_rerun(st: Step, mk: Path) -> Step:
     old output is removed, since training refuses a used --out and CapFilt would keep its finished shards. A step
     that never finished (a killed run: no marker) continues instead: training with --resume auto, CapFilt by
     skipping its finished shards."""
-    out = Path(st.params.get("out") or st.params["out_dir"])
+    out = Path(st.out)
     rank0 = os.environ.get("RANK", "0") == "0"
     if mk.exists():
         if rank0:

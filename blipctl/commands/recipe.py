@@ -34,15 +34,13 @@ def run(
 
       blipctl run recipes/demo.toml recipe.out=runs/small data.scale=small
     """
-    from blipctl.recipe import load_recipe, out_key, plan, run_recipe, step_commands
+    from blipctl.recipe import load_recipe, plan, run_recipe
 
     r = load_recipe(recipe, overrides)
     if dry_run:
-        commands = step_commands()
         for st, done in plan(r):
             state = "[green]done[/]" if done else "[yellow]to run[/]"
-            out_dir = st.params[out_key(commands[st.command])]
-            err.print(f"{state}  [bold]{st.name}[/] (blipctl {st.command}) -> {out_dir}", highlight=False)
+            err.print(f"{state}  [bold]{st.name}[/] (blipctl {st.command}) -> {st.out}", highlight=False)
         return
 
     def event(kind: str, st, info: dict) -> None:
