@@ -65,7 +65,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup(info: DistInfo) -> None:
-    """Leave the process group if `init_distributed` created it."""
+    """Leave the process group if `init_distributed` created it.
+
+    Runs in `finally` blocks, so it never waits for the other ranks: on the normal exit path call `barrier(info)`
+    first, because a rank that tears down its gloo group while a peer still uses it can abort at exit.
+    """
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -86,7 +86,9 @@ def train(cfg: TrainConfig, on_log: LogFn | None = None, loader_fn: LoaderFn | N
     """
     info = D.init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg, info, on_log, loader_fn).run()
+        summary = Trainer(cfg, info, on_log, loader_fn).run()
+        D.barrier(info)  # every rank done before any leaves the group (see D.cleanup)
+        return summary
     finally:
         D.cleanup(info)
 

@@ -191,7 +191,7 @@ import numpy as np
 from blip.checkpoint import load_model
 from blip.data.datasets import load_eval_set
 from blip.data.transforms import eval_transform
-from blip.distributed import cleanup, init_distributed
+from blip.distributed import barrier, cleanup, init_distributed
 from blip.eval.common import PixelDataset
 from blip.eval.retrieval import retrieval_scores
 
@@ -202,7 +202,8 @@ kw = dict(image_batch_size=4, text_batch_size=4, pairs_per_batch=4)
 i2t, t2i = retrieval_scores(loaded.model, loaded.tokenizer, px, es.texts, k=3, **kw)
 if info.rank == 0:
     np.savez(sys.argv[3], i2t=i2t, t2i=t2i, world=info.world_size)
-cleanup(info)  # leave the group before exit: a gloo group torn down at interpreter exit can abort the process
+barrier(info)  # as the CLI does: all ranks done, then leave the group (a rank leaving early can abort at exit)
+cleanup(info)
 """
 
 

@@ -303,7 +303,7 @@ def _distributed(device: str) -> Iterator[Any]:
     import torch
     import torch.distributed as dist
 
-    from blip.distributed import cleanup, init_distributed
+    from blip.distributed import barrier, cleanup, init_distributed
 
     if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         from blip.distributed import DistInfo
@@ -317,6 +317,7 @@ def _distributed(device: str) -> Iterator[Any]:
     info = init_distributed(device)
     try:
         yield info
+        barrier(info)  # reached only without an error: every rank done before any leaves the group
     finally:
         if not existed:
             cleanup(info)
