@@ -26,6 +26,15 @@ def positive_mask(idx: torch.Tensor, idx_all: torch.Tensor) -> torch.Tensor:
     return idx[:, None] == idx_all[None, :]
 
 
+def same_text(ids: torch.Tensor, ids_all: torch.Tensor) -> torch.Tensor:
+    """(B, L), (C, L) padded token ids -> (B, C) bool: the two captions are word for word the same.
+
+    Such a pair is no ITM negative (the caption of one is as true of the other image): with hard negatives they
+    would be the first drawn, teaching the filter to reject correct captions.
+    """
+    return (ids[:, None, :] == ids_all[None, :, :]).all(-1)
+
+
 def itc_loss(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from blip import distributed as D
-from blip.losses import IGNORE, itc_loss, itm_loss, lm_labels, positive_mask, sample_hard_negatives
+from blip.losses import IGNORE, itc_loss, itm_loss, lm_labels, positive_mask, same_text, sample_hard_negatives
 from blip.model.blip import BLIP, with_first_token
 from blip.model.med import KV
 from blip.model.momentum import Momentum
@@ -153,7 +153,8 @@ class _ContrastiveMatching(_Task):
                     text_feat_d = m.text_features(ids, mask).float()
                 img_w, txt_w = D.gather_no_grad(image_feat.detach()), D.gather_no_grad(text_feat_d)  # (W*B, E)
                 sim_i2t = img_w @ txt_w.T / m.temp  # (W*B, W*B)
-                pos = positive_mask(idx_world, idx_world)
+                ids_w = D.gather_no_grad(ids)  # (W*B, L)
+                pos = positive_mask(idx_world, idx_world) | same_text(ids_w, ids_w)
                 g = self.negative_generator(step, -1)
                 neg_img, ok_img = sample_hard_negatives(sim_i2t.T, pos, g, self.hardness)  # per text: an image index
                 neg_txt, ok_txt = sample_hard_negatives(sim_i2t, pos, g, self.hardness)  # per image: a text index
@@ -167,13 +168,13 @@ class _ContrastiveMatching(_Task):
                 else:
                     sim_i2t = image_feat.detach() @ m.text_features(ids, mask).float().T / m.temp
                     sim_t2i = sim_i2t.T
-                pos = positive_mask(idx, idx)
+                pos = positive_mask(idx, idx) | same_text(ids, ids)
                 g = self.negative_generator(step, rank)
                 neg_img, ok_img = sample_hard_negatives(sim_t2i, pos, g, self.hardness)
                 neg_txt, ok_txt = sample_hard_negatives(sim_i2t, pos, g, self.hardness)
 
         if self.negatives_all_ranks and world > 1:
-            ids_world, mask_world = D.gather_no_grad(ids), D.gather_no_grad(mask)
+            ids_world, mask_world = ids_w, D.gather_no_grad(mask)
             neg_ids, neg_mask = ids_world[neg_txt], mask_world[neg_txt]
             embeds_world = D.gather_with_grad(image_embeds)  # (W*B, 1+N, Dv), gradients flow to their rank
             neg_kv = m.text_encoder.image_kv(embeds_world[neg_img])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -62,21 +63,30 @@ class Tokenizer:
         self.hf.save_pretrained(str(out_dir))
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 1) -> Tokenizer:
-        """Train an uncased WordPiece vocabulary on captions (for from-scratch runs without BERT)."""
-        from tokenizers import Tokenizer as RawTokenizer
-        from tokenizers import models, normalizers, pre_tokenizers, trainers
+    def train(cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> Tokenizer:
+        """An uncased WordPiece vocabulary from captions, for from-scratch runs without BERT.
 
-        raw = RawTokenizer(models.WordPiece(unk_token="[UNK]"))
-        raw.normalizer = normalizers.BertNormalizer(lowercase=True)
-        raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS, show_progress=False
+        Built deterministically: BERT's normaliser and pre-tokeniser split the words; the vocabulary is the
+        specials, every character seen (as a word start and as a `##` continuation), then the most frequent whole
+        words (ties alphabetical) seen at least `min_frequency` times, up to `vocab_size`. Rarer words are spelled
+        from the characters. (The `tokenizers` WordPiece trainer gives a different vocabulary in every process,
+        from hash-map order, so the same run gave different models.)
+        """
+        from tokenizers import normalizers, pre_tokenizers
+
+        normalize, split = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        counts: Counter[str] = Counter()
+        for t in texts:
+            counts.update(w for w, _ in split.pre_tokenize_str(normalize.normalize_str(t)))
+        starts = sorted({w[0] for w in counts})
+        continuations = sorted({"##" + c for w in counts for c in w[1:]})
+        words = sorted(
+            (w for w, n in counts.items() if n >= min_frequency and len(w) > 1), key=lambda w: (-counts[w], w)
         )
-        raw.train_from_iterator(texts, trainer)
-        vocab = sorted(raw.get_vocab().items(), key=lambda kv: kv[1])
+        vocab = SPECIALS + starts + continuations
+        vocab += words[: max(0, vocab_size - len(vocab))]
         with tempfile.TemporaryDirectory() as d:
-            Path(d, "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
+            Path(d, "vocab.txt").write_text("".join(tok + "\n" for tok in vocab), encoding="utf-8")
             return cls.from_pretrained(d)
 
     # ---- encoding / decoding ----------------------------------------------------------------------------------

@@ -357,6 +357,11 @@ class Trainer:
                 raise InputError(f"--init {cfg.model.init}: the captioner needs a model with a text decoder")
             if cfg.task == "filter" and not src.text_encoder:
                 raise InputError(f"--init {cfg.model.init}: the filter needs a model with a text encoder")
+            if cfg.model.patch_size not in (None, src.vision.patch_size):
+                raise InputError(
+                    f"model.patch_size: {cfg.model.patch_size}, but --init {cfg.model.init} has patches of "
+                    f"{src.vision.patch_size} (only fresh models choose it)"
+                )
             model = _derive(loaded.model, cfg, cfg.model.init)
             return model, loaded.tokenizer
         return self.fresh_model()
@@ -368,6 +373,8 @@ class Trainer:
         tok = self.fresh_tokenizer()
         enc, dec = LAYOUT[cfg.task]
         mc = model_config(cfg.model.size, vocab_size=len(tok), image_size=cfg.model.image_size)
+        if cfg.model.patch_size is not None:
+            mc = dataclasses.replace(mc, vision=dataclasses.replace(mc.vision, patch_size=cfg.model.patch_size))
         mc = dataclasses.replace(
             mc,
             text_encoder=enc,
@@ -393,7 +400,7 @@ class Trainer:
             d = Path(cfg.model.text_init)
             if (d / "vocab.txt").exists() or (d / "tokenizer.json").exists():
                 return Tokenizer.from_pretrained(d)
-        # train one on the captions, on rank 0 only: WordPiece training is not deterministic across processes
+        # build one from the captions on rank 0 (the other ranks need not read them) and broadcast the vocabulary
         vocab = None
         if self.info.is_main:
             captions = self.caption_sample(cfg.model.tokenizer_samples)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from test_train_support import synthetic_loader
 from tiny_models import tiny_tokenizer
 
+from blip.checkpoint import save_checkpoint
 from blip.config import model_config
 from blip.distributed import DistInfo
 from blip.errors import InputError
 from blip.init import init_text_from_bert, init_vision_from_timm
 from blip.model.blip import BLIP
+from blip.tokenizer import Tokenizer
 from blip.train import Trainer
 from blip.train_config import build_config
 
@@ -109,6 +114,50 @@ def test_fresh_model_tokenizer_from_text_init_or_trained_on_captions(tmp_path, b
     model, tok = tr.build_model(None)
     assert tok(["red top"])[0].shape[1] == 4  # [CLS] red top [SEP]: words of the captions are whole tokens
     assert model.config.text.vocab_size == len(tok) <= 62
+
+
+VOCAB_SCRIPT = """
+import sys
+from blip.tokenizer import Tokenizer
+captions = ["a red circle on the left", "a blue square at the top", "img_0423.jpg", "the red box"] * 3 + ["a zebra"]
+tok = Tokenizer.train(captions, vocab_size=int(sys.argv[1]))
+sys.stdout.write("\\n".join(tok.hf.convert_ids_to_tokens(list(range(len(tok))))))
+"""
+
+
+def test_trained_vocabulary_is_the_same_in_every_process(tmp_path):
+    # the tokenizers WordPiece trainer gave a different vocabulary per process (hash-map order): the same recipe
+    # then trained different models on different runs and machines
+    (tmp_path / "v.py").write_text(VOCAB_SCRIPT)
+    runs = [
+        subprocess.run(
+            [sys.executable, str(tmp_path / "v.py"), "48"], capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.split("\n")
+        for seed in ("1", "2")
+    ]  # fmt: skip
+    assert runs[0] == runs[1]
+    vocab = runs[0]
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and vocab[-2:] == ["[DEC]", "[ENC]"]
+    words = [t for t in vocab[5:-2] if len(t) > 1 and not t.startswith("##")]
+    assert words[:4] == ["the", "red", "0423", "at"]  # most frequent first (9, 6, then 3 each, alphabetical)
+    assert "zebra" not in words  # seen once: spelled from characters
+    tok = Tokenizer.train(["a red circle on the left", "a blue square at the top"] * 3 + ["a zebra"])
+    assert tok.hf.tokenize("a zebra on the left") == ["a", "z", "##e", "##b", "##r", "##a", "on", "the", "left"]
+
+
+def test_patch_size_for_fresh_models(tmp_path):
+    base = {"model": {"size": "tiny", "image_size": 32, "tokenizer_vocab": 60, "patch_size": 8}}
+    base |= {"data": {"batch_size": 8, "num_samples": 64}, "train": {"out": str(tmp_path / "o"), "device": "cpu"}}
+    model, tok = Trainer(build_config("pretrain", base), DistInfo(), None, synthetic_loader(8)).build_model(None)
+    assert model.config.vision.patch_size == 8 and model.config.vision.num_patches == 16
+    assert model.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, 17, 256)  # (B, 1 + 4x4 patches, D)
+    with pytest.raises(InputError, match=r"model.patch_size: must divide model.image_size \(32\), got 12"):
+        build_config("pretrain", {**base, "model": {**base["model"], "patch_size": 12}})
+    save_checkpoint(model, tok, tmp_path / "p8")
+    ft = {**base, "model": {"init": str(tmp_path / "p8"), "image_size": 32, "patch_size": 16}}
+    with pytest.raises(InputError, match="model.patch_size: 16, but --init .*p8 has patches of 8"):
+        Trainer(build_config("filter", ft), DistInfo(), None, synthetic_loader(8)).build_model(None)
 
 
 def test_finetunes_need_an_init(tmp_path):

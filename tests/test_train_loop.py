@@ -155,6 +155,27 @@ def test_filter_negatives_never_share_the_image(monkeypatch):
     assert torch.isfinite(out["loss"])
 
 
+def test_word_for_word_duplicate_captions_are_never_negatives(monkeypatch):
+    # web data repeats alt-texts ("stock photo"); a caption is as true of its duplicate's image as of its own
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model = BLIP(micro_config(tok))
+    picks = []
+    real = tasks_mod.sample_hard_negatives
+    monkeypatch.setattr(
+        tasks_mod, "sample_hard_negatives", lambda s, p, g, h=1.0: picks.append(real(s, p, g, h)) or picks[-1]
+    )
+    task = tasks_mod.PretrainTask(model, Momentum(model, queue_size=0), {"itc": 1.0, "itm": 1.0, "lm": 1.0})
+    images, captions, _ = synthetic_pairs(6)
+    captions = [captions[0]] * 4 + captions[4:]  # pairs 0-3 share a caption, each with its own image
+    ids, mask = tok(captions, max_length=30, padding="longest")
+    for step in range(20):
+        task({"image": images, "input_ids": ids, "attention_mask": mask, "idx": torch.arange(6)}, 0.4, step)
+    for index, valid in picks:
+        assert valid.all() and (index[:4] >= 4).all()  # rows 0-3 only ever draw pairs 4 and 5
+    assert {int(i) for index, _ in picks for i in index[4:]} >= {0, 1, 2, 3}  # others may draw them
+
+
 def test_lr_schedules():
     pre = build_config("pretrain", {"train": {"epochs": 20}})
     assert lr_at(pre, 0, 0) == pytest.approx(1e-6)
