@@ -132,15 +132,20 @@ def test_pretrain_task_equals_the_original_computation(monkeypatch, all_ranks):
     assert not (neg_txt == torch.arange(6)).any() and not (neg_img == torch.arange(6)).any()
 
 
-def test_filter_negatives_never_share_the_image(monkeypatch):
+def _micro_with_negative_spy(monkeypatch) -> tuple:
+    """A micro model, and a list that collects every (index, valid) the task's negative sampling returns."""
     torch.manual_seed(0)
     tok = tiny_tokenizer()
-    model = BLIP(micro_config(tok))
     picks = []
     real = tasks_mod.sample_hard_negatives
     monkeypatch.setattr(
         tasks_mod, "sample_hard_negatives", lambda s, p, g, h=1.0: picks.append(real(s, p, g, h)) or picks[-1]
     )
+    return tok, BLIP(micro_config(tok)), picks
+
+
+def test_filter_negatives_never_share_the_image(monkeypatch):
+    tok, model, picks = _micro_with_negative_spy(monkeypatch)
     task = tasks_mod.FilterTask(model, Momentum(model, queue_size=8), {"itc": 1.0, "itm": 1.0})
     images, captions, _ = synthetic_pairs(8)
     ids, mask = tok(captions, max_length=35, padding="max_length")
@@ -157,14 +162,7 @@ def test_filter_negatives_never_share_the_image(monkeypatch):
 
 def test_word_for_word_duplicate_captions_are_never_negatives(monkeypatch):
     # web data repeats alt-texts ("stock photo"); a caption is as true of its duplicate's image as of its own
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    model = BLIP(micro_config(tok))
-    picks = []
-    real = tasks_mod.sample_hard_negatives
-    monkeypatch.setattr(
-        tasks_mod, "sample_hard_negatives", lambda s, p, g, h=1.0: picks.append(real(s, p, g, h)) or picks[-1]
-    )
+    tok, model, picks = _micro_with_negative_spy(monkeypatch)
     task = tasks_mod.PretrainTask(model, Momentum(model, queue_size=0), {"itc": 1.0, "itm": 1.0, "lm": 1.0})
     images, captions, _ = synthetic_pairs(6)
     captions = [captions[0]] * 4 + captions[4:]  # pairs 0-3 share a caption, each with its own image
