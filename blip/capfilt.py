@@ -42,7 +42,7 @@ EXAMPLES_PER_SHARD = 6
 @dataclass
 class CapfiltConfig:
     num_captions: int = 1
-    """Synthetic captions per web image (the paper uses 1)."""
+    """Synthetic captions per web image (the paper uses 1); 0 filters the web captions only (the paper's "Filt")."""
     top_p: float = 0.9
     num_beams: int = 0
     """0: nucleus sampling (the paper's choice); >0: beam search with this width instead."""
@@ -58,6 +58,10 @@ class CapfiltConfig:
     batch_size: int = 32
     seed: int = 0
     strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_captions < 0:
+            raise InputError(f"--num-captions must be 0 or more, got {self.num_captions}")
 
 
 @dataclass
@@ -106,17 +110,23 @@ def shard_seed(seed: int, shard: str) -> int:
 class Bootstrapper:
     """Captioner + filter on one device: synthesise captions, then score captions with ITM (and ITC)."""
 
-    def __init__(self, captioner: BLIP, cap_tok: Tokenizer, filt: BLIP, filt_tok: Tokenizer, cfg: CapfiltConfig):
+    def __init__(
+        self, captioner: BLIP | None, cap_tok: Tokenizer | None, filt: BLIP, filt_tok: Tokenizer, cfg: CapfiltConfig
+    ):
+        """`captioner` may be None only with `cfg.num_captions == 0` (filter the web captions only)."""
         from blip.data.transforms import eval_transform
 
-        if not captioner.config.text_decoder:
+        if cfg.num_captions and (captioner is None or cap_tok is None):
+            raise InputError("--num-captions > 0 needs a --captioner")
+        if captioner is not None and not captioner.config.text_decoder:
             raise InputError("--captioner has no text decoder: pass a captioning model")
         if not filt.config.text_encoder:
             raise InputError("--filter has no text encoder: pass a retrieval/ITM model")
         self.cap, self.cap_tok, self.filt, self.filt_tok, self.cfg = captioner, cap_tok, filt, filt_tok, cfg
-        self.cap_tf = eval_transform(captioner.config.vision.image_size)
         self.filt_tf = eval_transform(filt.config.vision.image_size)
-        self.prompt_ids = cap_tok.encode_prompt(cfg.prompt)
+        if captioner is not None and cap_tok is not None:
+            self.cap_tf = eval_transform(captioner.config.vision.image_size)
+            self.prompt_ids = cap_tok.encode_prompt(cfg.prompt)
         sample = cfg.num_beams == 0
         self.gcfg = GenerationConfig(
             num_beams=1 if sample else cfg.num_beams,
@@ -132,10 +142,12 @@ class Bootstrapper:
 
     @property
     def device(self) -> torch.device:
-        return next(self.cap.parameters()).device
+        return next((self.cap or self.filt).parameters()).device
 
     @torch.inference_mode()
     def synthesize(self, images: list, generator: torch.Generator) -> list[list[str]]:
+        if not self.cfg.num_captions:
+            return [[] for _ in images]
         px = torch.stack([self.cap_tf(im) for im in images]).to(self.device)
         out = generate(self.cap, self.cap.encode_image(px), self.prompt_ids, self.gcfg, generator=generator)
         return [[self.cap_tok.decode(ids) for ids in caps] for caps in out]

@@ -267,6 +267,22 @@ def test_report_html(reference):
     assert "synthetic" in page and "dropped" in page and 'id="counts"' in page
 
 
+def test_filter_only_needs_no_captioner_and_decides_web_captions_alike(reference, web, models, tmp_path):
+    # --num-captions 0 is the paper's "Filt" ablation: no captioner is loaded (the default is a hub model)
+    args = ["capfilt", "--in", str(web), "--out", str(tmp_path), "--filter", str(models[1]), "--num-captions", "0"]
+    r = runner.invoke(app, [*args, "--batch-size", "4", "--threshold", THRESHOLD], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    s, ref = (json.loads((d / "capfilt.json").read_text()) for d in (tmp_path, reference))
+    assert s["counts"]["synthetic"] == {"in": 0, "kept": 0, "dropped": 0}
+    assert s["counts"]["web"] == ref["counts"]["web"] and s["filter_vs_noise_labels"] == ref["filter_vs_noise_labels"]
+    got, want = read_all(tmp_path), read_all(reference)
+    assert got == {
+        k: [c for c in v if c[1] != "synthetic"] for k, v in want.items() if any(c[1] != "synthetic" for c in v)
+    }
+    r = runner.invoke(app, [*args[:-1], "-1"])
+    assert r.exit_code == 2 and "--num-captions must be 0 or more" in r.output
+
+
 def test_bad_flags_exit_2(web, models, tmp_path):
     r = run(web, tmp_path, models, "--shard-index", 3, "--num-shards", 2)
     assert r.exit_code == 2 and "--shard-index" in r.output

@@ -69,8 +69,9 @@ def run_capfilt(
                 f"{len(mine) - len(todo)} already done, {world} rank(s)"
             )
         if todo:
-            c, f = load_model(cap_src, device=dev), load_model(filt_src, device=dev)
-            boot = Bootstrapper(c.model, c.tokenizer, f.model, f.tokenizer, cfg)
+            c = load_model(cap_src, device=dev) if num_captions > 0 else None  # 0: filter web captions only
+            f = load_model(filt_src, device=dev)
+            boot = Bootstrapper(c and c.model, c and c.tokenizer, f.model, f.tokenizer, cfg)
             t0, n = time.perf_counter(), 0
             with progress() as bar:
                 task = bar.add_task("capfilt", total=len(todo), rate="")
@@ -98,7 +99,9 @@ def capfilt(
     filter: Annotated[
         str | None, typer.Option("--filter", help="Filter (ITM) source (default Salesforce/blip-itm-base-coco).")
     ] = None,  # noqa: A002
-    num_captions: Annotated[int, typer.Option(help="Synthetic captions per web image.")] = 1,
+    num_captions: Annotated[
+        int, typer.Option(help="Synthetic captions per web image; 0 filters the web captions only (no captioner).")
+    ] = 1,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (the paper: 0.9).")] = 0.9,
     num_beams: Annotated[
         int, typer.Option(help="Use beam search with this width instead of sampling (0 = sample).")
