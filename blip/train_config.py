@@ -41,7 +41,7 @@ class ModelArgs:
     image_size: int = 224
     patch_size: int | None = None
     """Fresh models only: the ViT patch size (None keeps the size's 16). Smaller patches see finer detail at the
-    same image size for more compute (the laptop demo's 96 px shapes)."""
+    same image size, for more compute."""
     grad_ckpt_layers: int = 0
     """Activation-checkpoint the last N ViT blocks (saves memory, costs a re-forward)."""
     dropout: float | None = None
