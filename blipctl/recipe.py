@@ -35,6 +35,7 @@ from typing import Any
 
 from blip.config import check_type
 from blip.errors import InputError
+from blipctl._common import write_json_atomic
 from blipctl.overrides import parse_value
 
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_.-]+)\}")
@@ -306,10 +307,7 @@ def run_recipe(
         result = call(run_st, fn) if call is not None else fn(**run_st.params)
         info = {"signature": sigs[st.name], "step": st.name, "command": st.command, "seconds": time.perf_counter() - t0}
         if os.environ.get("RANK", "0") == "0":  # under torchrun (`--only STEP`), rank 0 marks the step done
-            mk.parent.mkdir(parents=True, exist_ok=True)
-            tmp = mk.with_name(mk.name + ".tmp")
-            tmp.write_text(json.dumps(info, indent=1))
-            tmp.replace(mk)
+            write_json_atomic(mk, info)
         results[st.name] = result
         if on_event:
             on_event("done", st, info)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from blip.errors import InputError
 from blipctl._common import out as console
+from blipctl._common import write_json_atomic
 
 METRICS = [
     ("TR@1", "retrieval", "txt_r1"),
@@ -72,9 +73,5 @@ def run_compare(
                 f"recall {f['recall']:.3f})"
             )
     console.print(table)
-    p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(p)
+    write_json_atomic(Path(out), result)
     return result

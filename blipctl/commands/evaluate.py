@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from blipctl._common import err, guarded, print_json_line
+from blipctl._common import err, guarded, print_json_line, write_json_atomic
 from blipctl._common import progress as progress_bar
 
 DatasetArg = Annotated[
@@ -374,21 +373,6 @@ def _read_json(path: str, flag: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _input_error(f"{flag}: {path} is not valid JSON ({e})") from None
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary sibling, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _out_file(out: str | None, name: str) -> Path | None:
