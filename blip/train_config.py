@@ -117,10 +117,10 @@ class LossArgs:
     alpha_ramp_epochs: float = 2.0
     """Linear ramp of alpha from 0 (pretrain: 2 epochs; filter: 1)."""
     negatives_all_ranks: bool = False
+    """Sample ITM hard negatives from the whole global batch instead of the local one."""
     hard_negatives: float = 1.0
     """ITM negatives are drawn with probability softmax(hard_negatives * ITC similarity): 1 is the original
     (hard negatives), 0 uniform. Lower it when training from scratch on data with many near-duplicates."""
-    """Sample ITM hard negatives from the whole global batch instead of the local one."""
     label_smoothing: float = 0.1
 
 
