@@ -73,6 +73,12 @@ def print_json_line(obj: dict) -> None:
     sys.stdout.flush()
 
 
+def is_rank0() -> bool:
+    """Rank 0 of a torchrun job, or a plain process; from the environment, so it works before (or without) a
+    process group: the one process that prints, marks recipe steps done, or deletes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary sibling, then rename: readers never see a half-written file."""
     path = Path(path)

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import re
 import shutil
 import time
@@ -35,7 +34,7 @@ from typing import Any
 
 from blip.config import check_type
 from blip.errors import InputError
-from blipctl._common import write_json_atomic
+from blipctl._common import is_rank0, write_json_atomic
 from blipctl.overrides import parse_value
 
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_.-]+)\}")
@@ -255,9 +254,8 @@ def _prepare_rerun(st: Step, mk: Path) -> Step:
     that never finished (a killed run: no marker) continues instead: training with --resume auto, CapFilt by
     skipping its finished shards."""
     out = Path(st.out)
-    rank0 = os.environ.get("RANK", "0") == "0"
     if mk.exists():
-        if rank0:
+        if is_rank0():
             if mk.parent == out:  # a directory output holding our marker: ours to replace
                 shutil.rmtree(out, ignore_errors=True)
             else:
@@ -306,7 +304,7 @@ def run_recipe(
         fn = commands[st.command]
         result = call(run_st, fn) if call is not None else fn(**run_st.params)
         info = {"signature": sigs[st.name], "step": st.name, "command": st.command, "seconds": time.perf_counter() - t0}
-        if os.environ.get("RANK", "0") == "0":  # under torchrun (`--only STEP`), rank 0 marks the step done
+        if is_rank0():  # under torchrun (`--only STEP`), rank 0 marks the step done
             write_json_atomic(mk, info)
         results[st.name] = result
         if on_event:

@@ -6,14 +6,13 @@ The `run_*` functions are what the recipe runner calls in-process; the Typer com
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from blipctl._common import err, guarded, progress
+from blipctl._common import err, guarded, is_rank0, progress
 from blipctl.overrides import deep_merge, load_toml, parse_overrides
 
 LogFn = Callable[[dict[str, Any]], None]
@@ -298,7 +297,7 @@ def _cli_run(task: str, data: list[str] | None, args: list[str] | None, **kw: An
     cfg = build_train_config(task, data=data or None, overrides=overrides, **kw)
     from blip.train import train
 
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = is_rank0()
     with ProgressPrinter(COMMANDS[task]) as printer:
         result = train(cfg, on_log=printer if is_main else None)
     if result["interrupted"]:
