@@ -9,12 +9,12 @@ from blip.errors import InputError
 from blipctl._common import out as console
 from blipctl._common import write_json_atomic
 
-METRICS = [
-    ("TR@1", "retrieval", "txt_r1"),
-    ("IR@1", "retrieval", "img_r1"),
-    ("R@mean", "retrieval", "r_mean"),
-    ("BLEU-4", "caption", "Bleu_4"),
-    ("CIDEr", "caption", "CIDEr"),
+METRICS = [  # (row, results kind, key, display scale: recall is already in percent, caption scores x 100)
+    ("TR@1", "retrieval", "txt_r1", 1.0),
+    ("IR@1", "retrieval", "img_r1", 1.0),
+    ("R@mean", "retrieval", "r_mean", 1.0),
+    ("BLEU-4", "caption", "Bleu_4", 100.0),
+    ("CIDEr", "caption", "CIDEr", 100.0),
 ]
 
 
@@ -43,21 +43,21 @@ def run_compare(
         "caption": {k: _read(v) for k, v in caption.items()},
     }
     rows: dict[str, dict[str, float | None]] = {}
-    for name, kind, key in METRICS:
+    for name, kind, key, _ in METRICS:
         rows[name] = {}
         for lab in labels:
             v = res[kind].get(lab, {})
             v = v.get("metrics", v).get(key) if isinstance(v, dict) else None
             rows[name][lab] = v
     table = Table("metric", *labels, title="blipctl: pre-training comparison (recall %, caption scores x 100)")
-    for name, vals in rows.items():
+    for name, *_, scale in METRICS:
+        vals = rows[name]
         if all(v is None for v in vals.values()):
             continue
         best = max((v for v in vals.values() if v is not None), default=None)
         cells = []
         for lab in labels:
             v = vals[lab]
-            scale = 1.0 if name in ("TR@1", "IR@1", "R@mean") else 100.0  # recall in percent; captions x 100
             text = "-" if v is None else f"{v * scale:.2f}"
             cells.append(f"[bold]{text}[/]" if v is not None and v == best and len(labels) > 1 else text)
         table.add_row(name, *cells)
