@@ -84,9 +84,13 @@ class Tokenizer:
             (w for w, n in counts.items() if n >= min_frequency and len(w) > 1), key=lambda w: (-counts[w], w)
         )
         vocab = SPECIALS + starts + continuations
-        vocab += words[: max(0, vocab_size - len(vocab))]
+        return cls.from_vocab(vocab + words[: max(0, vocab_size - len(vocab))])
+
+    @classmethod
+    def from_vocab(cls, tokens: Sequence[str]) -> Tokenizer:
+        """A tokenizer from a vocabulary list in id order (through a vocab.txt: see the module note)."""
         with tempfile.TemporaryDirectory() as d:
-            Path(d, "vocab.txt").write_text("".join(tok + "\n" for tok in vocab), encoding="utf-8")
+            Path(d, "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
             return cls.from_pretrained(d)
 
     # ---- encoding / decoding ----------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -410,11 +409,7 @@ class Trainer:
             ordered = sorted(tok.hf.get_vocab().items(), key=lambda kv: kv[1])
             vocab = [t for t, _ in ordered if t not in ("[DEC]", "[ENC]")]  # re-added last, as specials
         vocab = D.broadcast_object(vocab, self.info)
-        if self.info.is_main:
-            return tok
-        with tempfile.TemporaryDirectory() as d:
-            Path(d, "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
-            return Tokenizer.from_pretrained(d)
+        return tok if self.info.is_main else Tokenizer.from_vocab(vocab)
 
     def caption_sample(self, limit: int) -> list[str]:
         if self.loader_fn is not None:
