@@ -12,6 +12,7 @@ in near-zero gradients into updates of up to lr.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,50 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     diffs = {k: max(abs(ra[k] - rb[k]) for ra, rb in zip(a, b, strict=True)) for k in LOSSES}
     assert all(d < 1e-4 for d in diffs.values()), diffs
     assert load_model(two).model.config.text_decoder  # rank 0 wrote a loadable final model
+
+
+FRESH_TOKENIZER_WORKER = """
+import json, sys
+sys.path.insert(0, sys.argv[3])
+from test_train_support import synthetic_loader
+from blip.distributed import barrier, cleanup, init_distributed
+from blip.train import Trainer
+from blip.train_config import build_config
+
+info = init_distributed("cpu")
+cfg = build_config("pretrain", {"model": {"size": "tiny", "tokenizer_vocab": 60}, "train": {"out": sys.argv[1]}})
+tok = Trainer(cfg, info, None, synthetic_loader(8)).fresh_tokenizer()
+ids = {"vocab": tok.hf.get_vocab(), "specials": [tok.pad_id, tok.cls_id, tok.sep_id, tok.bos_id, tok.enc_id]}
+ids["encoded"] = tok.hf("a red circle on the left, zebra")["input_ids"]
+with open(f"{sys.argv[2]}/rank{info.rank}.json", "w") as f:
+    json.dump(ids, f)
+barrier(info)
+cleanup(info)
+"""
+
+
+def test_a_fresh_tokenizer_is_the_same_on_every_rank(tmp_path):
+    """Rank 0 trains the vocabulary on the captions and broadcasts it; the other ranks build theirs from that list
+    (Tokenizer.from_vocab) and must map every token, special and caption to the same ids."""
+    script = tmp_path / "worker.py"
+    script.write_text(FRESH_TOKENIZER_WORKER)
+    r = subprocess.run(
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "o"),
+            str(tmp_path),
+            str(ROOT / "tests"),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert len(rank0["vocab"]) > 10 and rank0["specials"][-2:] == [len(rank0["vocab"]) - 2, len(rank0["vocab"]) - 1]
+    assert rank0 == rank1
