@@ -252,7 +252,10 @@ def _prepare_rerun(st: Step, mk: Path) -> Step:
     """A step that finished before (its marker exists) but runs again (changed, --from, --only) starts clean: its
     old output is removed, since training refuses a used --out and CapFilt would keep its finished shards. A step
     that never finished (a killed run: no marker) continues instead: training with --resume auto, CapFilt by
-    skipping its finished shards."""
+    skipping its finished shards.
+
+    Under torchrun only rank 0 deletes. The other ranks' own view does not matter: training's resume decision is
+    rank 0's (broadcast), evaluations write on rank 0, and CapFilt meets at a barrier before it reads its output."""
     out = Path(st.out)
     if mk.exists():
         if is_rank0():

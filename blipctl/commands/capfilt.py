@@ -45,6 +45,7 @@ def run_capfilt(
         rank, world = info.rank, info.world_size
         shards = expand_shards(inputs)
         out_path = Path(out_dir)
+        barrier(info)  # rank 0 may have just cleared out_dir (a recipe rerun): every rank reads it after that
         out_path.mkdir(parents=True, exist_ok=True)
         mine = assign_shards(shards, shard_index, num_shards, rank, world)
         todo = [s for s in mine if not is_done(out_path, s)]
