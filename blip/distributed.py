@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 @dataclass
@@ -96,6 +97,25 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+@torch.no_grad()
+def pad_to_longest_across_ranks(
+    ids: torch.Tensor, mask: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) token ids and attention mask -> (B, L_max), right-padded to the longest L over all ranks.
+
+    With `padding = "longest"` each rank pads its batch to its own longest caption; tensors gathered across ranks
+    must have one shape. Extra positions are masked out, so the encoder's outputs do not change.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ids, mask
+    n = torch.tensor([ids.shape[1]], device=ids.device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    extra = int(n) - ids.shape[1]
+    if not extra:
+        return ids, mask
+    return F.pad(ids, (0, extra), value=pad_id), F.pad(mask, (0, extra), value=0)
 
 
 class _GatherWithGrad(torch.autograd.Function):

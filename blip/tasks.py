@@ -143,6 +143,8 @@ class _ContrastiveMatching(_Task):
         # ---- ITM hard negatives: one negative image per text, one negative text per image -----------------------
         if self.weights.get("itm", 1.0) <= 0:
             return out
+        if self.negatives_all_ranks:  # captions are gathered across ranks: one length for all
+            ids, mask = D.pad_to_longest_across_ranks(ids, mask, m.config.pad_token_id)
         with torch.no_grad():
             if self.negatives_all_ranks:
                 # every rank samples for the whole global batch with the same generator, then keeps its rows:

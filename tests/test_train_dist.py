@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_train_support import micro_init, read_metrics
 
 from blip.checkpoint import load_model
@@ -33,16 +34,23 @@ def _env():
     return env | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("padding", ["max_length", "longest"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, padding):
+    # "longest": captions of different lengths, so each rank pads its batch to a different length and the ITM
+    # negatives, drawn from the whole global batch, need one length (this crashed in gloo's all_gather)
     init = micro_init(tmp_path / "init")
     one, two = tmp_path / "one", tmp_path / "two"
     steps = "6"
     r1 = subprocess.run(
-        [sys.executable, WORKER, str(init), str(one), "16", steps, "1"], env=_env(), capture_output=True, text=True
+        [sys.executable, WORKER, str(init), str(one), "16", steps, "1", padding],
+        env=_env(),
+        capture_output=True,
+        text=True,
     )
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER, str(init), str(two), "8", steps, "1"],
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER, str(init), str(two), "8", steps, "1"]
+        + [padding],
         env=_env(),
         capture_output=True,
         text=True,

@@ -142,8 +142,11 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def _worker(init: str, out: str, batch: int, steps: int, negatives_all_ranks: str) -> None:
-    """torchrun entry: pre-train the micro model on the synthetic data, `batch` pairs per rank."""
+def _worker(init: str, out: str, batch: int, steps: int, negatives_all_ranks: str, padding: str = "max_length") -> None:
+    """torchrun entry: pre-train the micro model on the synthetic data, `batch` pairs per rank.
+
+    With padding "longest", one sample in 16 gets a longer caption, so ranks pad their batches to different
+    lengths."""
     from blip.train import train
     from blip.train_config import build_config
 
@@ -154,13 +157,23 @@ def _worker(init: str, out: str, batch: int, steps: int, negatives_all_ranks: st
             "pretrain",
             Path(init),
             Path(out),
-            data={"batch_size": batch},
+            data={"batch_size": batch, "padding": padding},
             loss={"negatives_all_ranks": negatives_all_ranks == "1"},
             train={"max_steps": steps, "epochs": 100},
         ),
     )
-    train(cfg, loader_fn=synthetic_loader(batch, shuffle=True))
+    loader_fn = synthetic_loader(batch, shuffle=True)
+    if padding == "longest":
+        base = loader_fn
+
+        def loader_fn(**kw):  # noqa: ANN003
+            for b in base(**kw):
+                longer = [int(k) % 16 == 0 for k in b["key"]]
+                b["caption"] = [c + " on a black background" * x for c, x in zip(b["caption"], longer, strict=True)]
+                yield b
+
+    train(cfg, loader_fn=loader_fn)
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    _worker(*sys.argv[1:3], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:7])
