@@ -39,13 +39,24 @@ def test_demo_recipe_is_the_bootstrap():
     r = load_recipe(ROOT / "recipes" / "demo.toml")
     by = {s.name: s for s in r.steps}
     cmds = [s.command for s in r.steps]
-    assert cmds[:6] == ["data demo", "pretrain", "finetune-captioner", "finetune-filter", "capfilt", "pretrain"]
-    a, b = by["pretrain_a"], by["pretrain_b"]
+    assert cmds[:7] == [
+        "data demo",
+        "pretrain",
+        "pretrain",
+        "finetune-captioner",
+        "finetune-filter",
+        "capfilt",
+        "pretrain",
+    ]
+    a, b, w = by["pretrain_a"], by["pretrain_b"], by["warmstart"]
+    # A and B start from the same warm start (BLIP's shared ImageNet-ViT + BERT init), trained on human data only
+    assert a.params["init"] == b.params["init"] == w.params["out"]
+    assert w.params["data"]["train"] == [by["data"].params["out"] + "/human"]
     assert by["capfilt"].params["inputs"] == a.params["data"]["train"][1]  # A's raw web is what CapFilt cleans
     assert by["capfilt"].params["captioner"] == by["captioner"].params["out"]
     assert by["capfilt"].params["filter"] == by["filter"].params["out"]
     assert b.params["data"]["train"][1] == by["capfilt"].params["out_dir"]
-    assert "init" not in b.params  # B is fresh, as the paper
+    assert by["captioner"].params["init"] == by["filter"].params["init"] == a.params["out"]  # B is not from A
     # the same compute budget for both pre-trainings
     assert a.params["max_steps"] == b.params["max_steps"] and a.params["batch_size"] == b.params["batch_size"]
     assert {k: v for k, v in a.params["data"].items() if k != "train"} == {
@@ -151,6 +162,7 @@ CI_DEMO = [
     "data.scale=small",
     'pretrain_a.data.train=["${data.out}/human", "${data.out}/web"]',
     'capfilt.inputs="${data.out}/web"',
+    "warmstart.max_steps=4",
     "pretrain_a.max_steps=8",
     "pretrain_b.max_steps=8",
     "captioner.max_steps=4",
