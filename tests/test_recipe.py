@@ -51,14 +51,16 @@ def test_demo_recipe_is_the_bootstrap():
     a, b, w = by["pretrain_a"], by["pretrain_b"], by["warmstart"]
     # A and B start from the same warm start (BLIP's shared ImageNet-ViT + BERT init), trained on human data only
     assert a.params["init"] == b.params["init"] == w.params["out"]
-    assert w.params["data"]["train"] == [by["data"].params["out"] + "/human"]
+    data_out = by["data"].params["out"]
+    assert w.params["data"]["train"] == [data_out + "/human"]
     # A sees every web image (with half of them, even a perfect filter gained little: README)
-    assert a.params["data"]["train"] == [by["data"].params["out"] + "/human", by["data"].params["out"] + "/web"]
+    assert a.params["data"]["train"] == [data_out + "/human", data_out + "/web"]
     assert by["capfilt"].params["inputs"] == a.params["data"]["train"][1]  # A's raw web is what CapFilt cleans
     assert by["capfilt"].params["captioner"] == by["captioner"].params["out"]
     assert by["capfilt"].params["filter"] == by["filter"].params["out"]
     assert b.params["data"]["train"][1] == by["capfilt"].params["out_dir"]
-    assert by["captioner"].params["init"] == by["filter"].params["init"] == a.params["out"]  # B is not from A
+    # CapFilt's captioner and filter are fine-tuned from A
+    assert by["captioner"].params["init"] == by["filter"].params["init"] == a.params["out"]
     # the same compute budget for both pre-trainings
     assert a.params["max_steps"] == b.params["max_steps"] and a.params["batch_size"] == b.params["batch_size"]
     assert {k: v for k, v in a.params["data"].items() if k != "train"} == {
