@@ -530,6 +530,7 @@ class Trainer:
             strict=d.strict,
             max_words=d.max_words,
             prompt=d.prompt,
+            shuffle_buffer=d.shuffle_buffer,
         )
 
     def count_batches(self) -> int | None:

@@ -77,6 +77,10 @@ class DataArgs:
     """Bad samples are fatal instead of skipped and counted."""
     num_samples: int | None = None
     """Pairs per epoch over all ranks; None: counted once (needed for the alpha ramp and the progress bar)."""
+    shuffle_buffer: int = 1000
+    """Shards: pairs each loader worker shuffles among (shards are read in a shuffled order, so batches mix only the
+    few shards the buffer spans). With few large shards, batches come in runs from one shard and each source's share
+    of a short run depends on the seed: a buffer as large as the data is a full shuffle (decoded images: mind RAM)."""
 
 
 @dataclass(kw_only=True)
@@ -245,6 +249,8 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError(f"loss.alpha: must be in [0, 1], got {cfg.loss.alpha}")
     if not 0.0 <= cfg.loss.momentum < 1.0:
         raise InputError(f"loss.momentum: must be in [0, 1), got {cfg.loss.momentum}")
+    if cfg.data.shuffle_buffer < 1:
+        raise InputError(f"data.shuffle_buffer: must be at least 1, got {cfg.data.shuffle_buffer}")
     if not 0.0 < cfg.data.min_scale <= 1.0:
         raise InputError(f"data.min_scale: must be in (0, 1], got {cfg.data.min_scale}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):

@@ -10,7 +10,10 @@ import torch
 
 from blip.data.loader import build_train_loader, count_pairs, read_captions
 from blip.data.shards import write_shard
+from blip.distributed import DistInfo
 from blip.errors import InputError
+from blip.train import Trainer
+from blip.train_config import build_config
 
 SIZE = 16
 
@@ -182,3 +185,19 @@ def test_truncated_and_missing_shards_are_counted_through_workers(tmp_path, imag
     extra = _pairs_of(batches) - expected  # the copy repeats s-002's keys: what it added beyond the intact shards
     assert set(_pairs_of(batches)) == set(expected)
     assert extra == Counter({(k, c): 1 for k, c in expected if k in {f"img{8 + i:04d}" for i in range(cut)}})
+
+
+def test_data_shuffle_buffer_reaches_the_loader_and_decides_the_mix(tmp_path, image_bytes):
+    """Shards are read one after another: a small buffer gives batches from one shard at a time, a buffer as large
+    as the data a full shuffle (the demo recipe's setting, so that A's human/web mix does not hang on the seed)."""
+    shards, _ = _shards(tmp_path, image_bytes, [12, 12], bad=False)
+
+    def first_batch(buffer: int) -> set[str]:
+        data = {"train": shards, "batch_size": 12, "num_workers": 0, "shuffle_buffer": buffer, "hflip": False}
+        cfg = build_config("pretrain", {"data": data, "model": {"image_size": SIZE}, "train": {"out": str(tmp_path)}})
+        trainer = Trainer(cfg, DistInfo(), None, None)
+        batch = next(b for b in trainer.make_loader(epoch=0, skip=0) if "key" in b)
+        return {int(k[3:]) // 12 for k in batch["key"]}  # which shard each pair came from
+
+    assert len(first_batch(1)) == 1
+    assert first_batch(10_000) == {0, 1}

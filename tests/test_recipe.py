@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from blip.data.demo import SCALES
 from blip.errors import InputError
 from blipctl.cli import app
 from blipctl.recipe import MARKER, load_recipe, run_recipe
@@ -67,6 +68,14 @@ def test_demo_recipe_is_the_bootstrap():
         k: v for k, v in b.params["data"].items() if k != "train"
     }
     assert by["compare"].params["capfilt"].endswith("capfilt.json")
+    # the warm start pre-trains the unimodal towers only (ITC), as BLIP starts from ImageNet-ViT + BERT
+    assert (w.params["loss"]["itm"], w.params["loss"]["lm"]) == (0.0, 0.0) and "itc" not in w.params["loss"]
+    # every training step shuffles all of its pairs at full scale (read shard by shard, A's human/web mix hung on the
+    # seed): human images have up to 3 captions, CapFilt keeps up to 1 + num_captions per web image
+    human, web = SCALES["full"]["human"][0], SCALES["full"]["web"][0]
+    most_pairs = 3 * human + (1 + by["capfilt"].params["num_captions"]) * web
+    for st in (w, a, b, by["captioner"], by["filter"]):
+        assert st.params["data"]["shuffle_buffer"] >= most_pairs, st.name
 
 
 # ---- the runner on real, fast steps ---------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ def test_task_defaults_are_the_originals():
         ({"loss": {"negatives_all_ranks": 1}}, "loss.negatives_all_ranks"),
         ({"data": {"batch_size": 0}}, "data.batch_size"),
         ({"loss": {"alpha": 2.0}}, "loss.alpha"),
+        ({"data": {"shuffle_buffer": 0}}, "data.shuffle_buffer"),
         ({"optim": 3}, "optim"),
     ],
 )
