@@ -192,7 +192,7 @@ def test_data_shuffle_buffer_reaches_the_loader_and_decides_the_mix(tmp_path, im
     as the data a full shuffle (the demo recipe's setting, so that A's human/web mix does not hang on the seed)."""
     shards, _ = _shards(tmp_path, image_bytes, [12, 12], bad=False)
 
-    def first_batch(buffer: int) -> set[str]:
+    def first_batch(buffer: int) -> set[int]:
         data = {"train": shards, "batch_size": 12, "num_workers": 0, "shuffle_buffer": buffer, "hflip": False}
         cfg = build_config("pretrain", {"data": data, "model": {"image_size": SIZE}, "train": {"out": str(tmp_path)}})
         trainer = Trainer(cfg, DistInfo(), None, None)
