@@ -74,6 +74,8 @@ class ShardStats:
     bad_samples: dict = field(default_factory=dict)
     noise: dict = field(default_factory=dict)
     """Against known noise labels (json.noise, the demo world): web captions tp/fp/fn/tn of 'dropped = noisy'."""
+    scene: dict = field(default_factory=dict)
+    """Against the recorded scene (json.scene, the demo world): per source, captions checked / right, all and kept."""
     seconds: float = 0.0
     examples: list = field(default_factory=list)
 
@@ -193,6 +195,7 @@ def process_shard(
     shard: str, out_dir: Path, boot: Bootstrapper, on_images: Callable[[int], None] | None = None
 ) -> ShardStats:
     """Bootstrap one input shard into `out_dir/<name>` (atomic) plus its stats file; returns the stats."""
+    from blip.data.demo import caption_matches_scene
     from blip.data.shards import SampleStats, iter_shard, write_shard
 
     cfg = boot.cfg
@@ -200,7 +203,7 @@ def process_shard(
     tar_path, stats_path = output_paths(out_dir, shard)
     st = ShardStats(shard=Path(shard).name)
     counts = {s: Counter() for s in ("web", "synthetic", "human")}
-    noise = Counter()
+    noise, scene = Counter(), Counter()
     bad = SampleStats()
     gen = torch.Generator(device=boot.device).manual_seed(shard_seed(cfg.seed, shard))
     out_samples = []
@@ -220,6 +223,11 @@ def process_shard(
                     counts[source]["in"] += 1
                     counts[source]["kept" if keep else "dropped"] += 1
                     caps.append({"text": t, "source": source, "itm": round(p, 6), "itc": round(c, 6), "kept": keep})
+                    right = caption_matches_scene(t, s["json"]["scene"]) if "scene" in s["json"] else None
+                    if right is not None:
+                        for group in ("all", "kept") if keep else ("all",):
+                            scene[f"{source}/{group}/checked"] += 1
+                            scene[f"{source}/{group}/right"] += right
                 if "noise" in s["json"]:
                     noisy, dropped = bool(s["json"]["noise"]), not caps[0]["kept"]
                     noise[
@@ -252,6 +260,7 @@ def process_shard(
     st.counts = {k: {"in": v["in"], "kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()}
     st.bad_samples = dict(bad.bad)
     st.noise = dict(noise)
+    st.scene = dict(scene)
     st.seconds = time.perf_counter() - t0
     write_shard(tar_path, out_samples)
     _atomic_write_text(stats_path, json.dumps(asdict(st), indent=1))
@@ -299,7 +308,7 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict) -> dict:
         if p.exists():
             stats.append(json.loads(p.read_text()))
     counts = {s: Counter() for s in ("web", "synthetic", "human")}
-    bad, noise = Counter(), Counter()
+    bad, noise, scene = Counter(), Counter(), Counter()
     images_in = images_out = 0
     seconds = 0.0
     for st in stats:
@@ -310,6 +319,7 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict) -> dict:
             counts[src].update(c)
         bad.update(st["bad_samples"])
         noise.update(st["noise"])
+        scene.update(st.get("scene", {}))
     summary = {
         "shards_done": len(stats),
         "shards_total": len(inputs),
@@ -334,6 +344,20 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict) -> dict:
             "recall": round(tp / (tp + fn), 4) if tp + fn else None,
             "noisy_removed": round(tp / (tp + fn), 4) if tp + fn else None,
             "clean_kept": round(tn / (tn + fp), 4) if tn + fp else None,
+        }
+    if scene:
+        summary["captions_vs_scene"] = {
+            source: {
+                group: {
+                    "checked": n,
+                    "right": scene[f"{source}/{group}/right"],
+                    "share": round(scene[f"{source}/{group}/right"] / n, 4),
+                }
+                for group in ("all", "kept")
+                if (n := scene[f"{source}/{group}/checked"])
+            }
+            for source in ("web", "synthetic")
+            if scene[f"{source}/all/checked"]
         }
     _atomic_write_text(out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     _atomic_write_text(out_dir / REPORT, render_report(summary, [e for st in stats for e in st["examples"]]))

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,16 @@ def png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+# the demo world records each image's scene; CapFilt checks every caption against it
+SCENE = {"objects": [{"color": "red", "shape": "circle", "position": "left", "size": "small"}], "background": "white"}
+MATCHES_SCENE = {
+    "a red circle on the left": True,
+    "a small blue square": False,
+    "there is a big star": None,
+    "green triangle at the top": False,
+}
+
+
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
     """5 web shards of 6 samples (one human sample, one bad image, noise labels on the web ones)."""
@@ -72,6 +83,7 @@ def web(tmp_path_factory):
         for i in range(6):
             k = s * 6 + i
             meta = {"image_id": k, "noise": bool(k % 3 == 0), "noise_kind": "junk" if k % 3 == 0 else None}
+            meta["scene"] = SCENE
             sample = {"__key__": f"s{k:04d}", "png": png(k), "txt": words[k % 4], "json": meta}
             if i == 5:
                 sample["json"] = {"image_id": k, "captions": [{"text": "a human caption", "source": "human"}]}
@@ -155,9 +167,16 @@ def test_counts_add_up_and_output_is_trainable(reference, web, threshold):
     assert f["tp"] + f["fp"] + f["fn"] + f["tn"] == 24 and 0 <= f["precision"] <= 1
     assert sorted(p.name for p in reference.glob("*.tar")) == sorted(p.name for p in web.glob("*.tar"))
     out = read_all(reference)
+    # web captions against the recorded scene, all and kept ones (the random synthetic captions name no shape)
+    src = {x["key"]: x for t in sorted(web.glob("*.tar")) for x in iter_shard(t, SampleStats())}
+    given = Counter(MATCHES_SCENE[x["text"]] for x in src.values() if "scene" in x["json"])
+    kept = Counter(MATCHES_SCENE[t] for caps in out.values() for t, source in caps if source == "web")
+    v = s["captions_vs_scene"]["web"]
+    assert v["all"] == {"checked": given[True] + given[False], "right": given[True], "share": v["all"]["share"]}
+    assert v["kept"]["checked"] == kept[True] + kept[False] and v["kept"]["right"] == kept[True]
+    assert v["all"]["share"] == round(given[True] / (given[True] + given[False]), 4) and 0 < given[True] < 24
     assert sum(len(v) for v in out.values()) == sum(c["kept"] for c in s["counts"].values())
     # every output sample keeps the input image bytes unchanged, its json, and its first kept caption as txt
-    src = {x["key"]: x for t in sorted(web.glob("*.tar")) for x in iter_shard(t, SampleStats())}
     for tar in reference.glob("*.tar"):
         for x in iter_shard(tar, SampleStats()):
             assert x["image_bytes"] == src[x["key"]]["image_bytes"]

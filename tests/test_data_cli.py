@@ -70,6 +70,26 @@ def test_demo_noise_is_exactly_as_requested_and_recorded(demo_world, tmp_path):
     assert sum(s["json"]["noise"] for s in _samples(tmp_path / "quiet" / "web")) == 300
 
 
+def test_caption_matches_scene_knows_the_world_s_own_captions(demo_world):
+    """Every grammar caption (relations such as "to the left of" included) matches its scene; an attribute-noise
+    caption (one wrong colour or shape) never does; junk has nothing to check; swapped captions mostly fail."""
+    from blip.data.demo import caption_matches_scene
+
+    human = _samples(demo_world / "human")
+    for s in human:
+        for c in s["json"]["captions"]:
+            assert caption_matches_scene(c["text"], s["json"]["scene"]) is True, c["text"]
+    verdicts: dict[str, Counter] = {}
+    for s in _samples(demo_world / "web"):
+        j = s["json"]
+        assert caption_matches_scene(j["clean_caption"], j["scene"]) is True, j["clean_caption"]
+        verdicts.setdefault(str(j["noise_kind"]), Counter())[caption_matches_scene(s["text"], j["scene"])] += 1
+    assert set(verdicts["attribute"]) == {False} and set(verdicts["junk"]) == {None}
+    assert verdicts["swap"][False] > 0.8 * verdicts["swap"].total()
+    scene = {"objects": [{"color": "red", "shape": "star", "position": "left", "size": "small"}]}
+    assert caption_matches_scene("a red star at the right side", scene) is False  # right object, wrong place
+
+
 def test_demo_splits_keys_ids_and_test_annotations(demo_world):
     world = json.loads((demo_world / "world.json").read_text())
     all_samples = {split: _samples(demo_world / split) for split in ("human", "web", "test")}

@@ -59,6 +59,9 @@ def test_demo_recipe_is_the_bootstrap():
     assert by["capfilt"].params["inputs"] == a.params["data"]["train"][1]  # A's raw web is what CapFilt cleans
     assert by["capfilt"].params["captioner"] == by["captioner"].params["out"]
     assert by["capfilt"].params["filter"] == by["filter"].params["out"]
+    # B learns from the filtered web captions alone: the tiny captioner's shapes and positions are at chance level,
+    # and the synthetic captions the filter let through cost B retrieval (README); one override turns them on
+    assert by["capfilt"].params["num_captions"] == 0
     assert b.params["data"]["train"][1] == by["capfilt"].params["out_dir"]
     # CapFilt's captioner and filter are fine-tuned from A
     assert by["captioner"].params["init"] == by["filter"].params["init"] == a.params["out"]
@@ -235,3 +238,36 @@ def test_changed_training_step_reruns_clean_and_a_killed_one_resumes(tmp_path):
     assert res["pt"]["step"] == 5
     steps = [json.loads(ln)["step"] for ln in (pt / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # steps 1-3 kept: resumed, not restarted
+
+
+def test_compare_tabulates_models_the_filter_and_the_synthetic_captions(tmp_path, capsys):
+    from blipctl.commands.compare import run_compare
+
+    def put(name: str, obj: dict) -> str:
+        (tmp_path / name).write_text(json.dumps(obj))
+        return str(tmp_path / name)
+
+    ret = {
+        lab: put(f"r{lab}.json", {"metrics": {"txt_r1": r, "img_r1": r / 2, "r_mean": r * 2}})
+        for lab, r in [("A", 10.0), ("B", 12.5)]
+    }
+    cap = {"A": put("cA.json", {"metrics": {"Bleu_4": 0.2, "CIDEr": 0.75}})}
+    noise = {
+        "tp": 8,
+        "fp": 1,
+        "fn": 2,
+        "tn": 9,
+        "precision": 0.8889,
+        "recall": 0.8,
+        "noisy_removed": 0.8,
+        "clean_kept": 0.9,
+    }
+    synthetic = {"all": {"checked": 40, "right": 8, "share": 0.2}, "kept": {"checked": 10, "right": 1, "share": 0.1}}
+    capfilt = put("capfilt.json", {"filter_vs_noise_labels": noise, "captions_vs_scene": {"synthetic": synthetic}})
+    res = run_compare(str(tmp_path / "compare.json"), ret, cap, capfilt)
+    assert res["metrics"]["TR@1"] == {"A": 10.0, "B": 12.5} and res["metrics"]["IR@1"]["B"] == 6.25
+    assert res["metrics"]["CIDEr"] == {"A": 0.75, "B": None}  # B has no caption results: "-" in the table
+    assert res["filter"] == noise and res["synthetic_vs_scene"] == synthetic
+    assert json.loads((tmp_path / "compare.json").read_text()) == res
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "noisy web captions removed 80.0%" in printed and "20.0% of all, 10.0% of the 10 kept" in printed

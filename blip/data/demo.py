@@ -25,8 +25,9 @@ import io
 import json
 import os
 import random
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,39 @@ def distinct_captions(scene: dict, rng: random.Random, n: int) -> list[str]:
     while len(out) < n:
         out.append(describe(scene, rng))
     return out
+
+
+def _words(options: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    return {w: key for key, ws in options.items() for w in ws}
+
+
+def _alternatives(words: Iterable[str]) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # longest first: "round shape"
+
+
+_SHAPE_OF = _words(SHAPE_WORDS)
+_POSITION_OF = _words(POSITION_WORDS)
+_OBJECT_PHRASE = re.compile(
+    rf"\b({_alternatives(COLORS)}) (?:(?:{_alternatives(_words(SIZE_WORDS))}) )?({_alternatives(_SHAPE_OF)})"
+    rf"(?: ({_alternatives(_POSITION_OF)})(?! of))?"  # "to the left of a ..." is a relation, not a position
+)
+
+
+def caption_matches_scene(text: str, scene: dict) -> bool | None:
+    """Whether a caption names only what the scene holds: every "colour [size] shape [position]" phrase an object of
+    that colour and shape, at that position when one is given. None: no such phrase (junk, or a free-form caption).
+
+    The demo world records every scene, so synthetic captions can be checked, not just scored by the filter.
+    """
+    objects = {(o["color"], o["shape"]): o["position"] for o in scene.get("objects", [])}
+    phrases = _OBJECT_PHRASE.findall(text.lower())
+    if not phrases:
+        return None
+    for color, shape_word, position_word in phrases:
+        key = (color, _SHAPE_OF[shape_word])
+        if key not in objects or (position_word and _POSITION_OF[position_word] != objects[key]):
+            return False
+    return True
 
 
 def junk_caption(rng: random.Random) -> str:

@@ -126,6 +126,8 @@ def capfilt(
     Every web image gets --num-captions synthetic captions (nucleus sampling); the filter keeps each caption,
     web or synthetic, whose ITM match probability reaches --threshold. Human-annotated samples (json source
     "human") pass through. Finished shards are skipped on rerun; a killed run resumes where it stopped.
+    On the demo world (`blipctl data demo`) capfilt.json also scores the filter against the known noise labels
+    and checks every caption against the recorded scene.
 
     Examples:
 
@@ -169,6 +171,9 @@ def capfilt(
             f"filter vs noise labels: precision {f['precision']}, recall {f['recall']}, "
             f"noisy removed {f['noisy_removed']}, clean kept {f['clean_kept']}"
         )
+    for src, v in summary.get("captions_vs_scene", {}).items():
+        shares = ", ".join(f"{group} {g['share']:.1%} of {g['checked']}" for group, g in v.items())
+        out.print(f"{src} captions naming the recorded scene right: {shares}")
     state = "complete" if summary["complete"] else f"{summary['shards_done']}/{summary['shards_total']} shards done"
     err.print(
         f"{state}; {summary['images_per_s']} images/s; summary {Path(out_dir) / 'capfilt.json'}, "

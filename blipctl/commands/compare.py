@@ -72,6 +72,14 @@ def run_compare(
                 f"clean kept {f['clean_kept']:.1%} (precision {f['precision']:.3f}, "
                 f"recall {f['recall']:.3f})"
             )
+        synthetic = s.get("captions_vs_scene", {}).get("synthetic")
+        if synthetic:
+            result["synthetic_vs_scene"] = synthetic
+            kept = synthetic.get("kept", {"share": 0.0, "checked": 0})
+            table.caption = (table.caption or "") + (
+                f"; synthetic captions naming the scene right: {synthetic['all']['share']:.1%} of all, "
+                f"{kept['share']:.1%} of the {kept['checked']} kept"
+            )
     console.print(table)
     write_json_atomic(Path(out), result)
     return result
