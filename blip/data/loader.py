@@ -48,13 +48,14 @@ from blip.data.shards import SampleStats, captions_of, expand_shards, iter_shard
 from blip.data.text import pre_caption
 from blip.data.transforms import train_transform
 from blip.errors import InputError
+from blip.train_config import DataArgs
 
 log = logging.getLogger(__name__)
 
 Pair = tuple[str, str, int]
 """(image path, caption, image id): one training pair of an annotation dataset."""
 
-SHUFFLE_BUFFER = 1000
+SHUFFLE_BUFFER = DataArgs.shuffle_buffer  # one default for library callers and the training config
 """Pairs held by each worker's shuffle buffer (decoded images: mind the memory at high resolution)."""
 
 
