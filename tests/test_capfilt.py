@@ -172,9 +172,10 @@ def test_counts_add_up_and_output_is_trainable(reference, web, threshold):
     given = Counter(MATCHES_SCENE[x["text"]] for x in src.values() if "scene" in x["json"])
     kept = Counter(MATCHES_SCENE[t] for caps in out.values() for t, source in caps if source == "web")
     v = s["captions_vs_scene"]["web"]
-    assert v["all"] == {"checked": given[True] + given[False], "right": given[True], "share": v["all"]["share"]}
+    share = round(given[True] / (given[True] + given[False]), 4)
+    assert v["all"] == {"checked": given[True] + given[False], "right": given[True], "share": share}
     assert v["kept"]["checked"] == kept[True] + kept[False] and v["kept"]["right"] == kept[True]
-    assert v["all"]["share"] == round(given[True] / (given[True] + given[False]), 4) and 0 < given[True] < 24
+    assert 0 < given[True] < given[True] + given[False]
     assert sum(len(v) for v in out.values()) == sum(c["kept"] for c in s["counts"].values())
     # every output sample keeps the input image bytes unchanged, its json, and its first kept caption as txt
     for tar in reference.glob("*.tar"):

@@ -87,7 +87,10 @@ def test_caption_matches_scene_knows_the_world_s_own_captions(demo_world):
     assert set(verdicts["attribute"]) == {False} and set(verdicts["junk"]) == {None}
     assert verdicts["swap"][False] > 0.8 * verdicts["swap"].total()
     scene = {"objects": [{"color": "red", "shape": "star", "position": "left", "size": "small"}]}
-    assert caption_matches_scene("a red star at the right side", scene) is False  # right object, wrong place
+    assert caption_matches_scene("a little red star shape to the left of a red star", scene) is True
+    for wrong in ("a red star at the right side", "a big red star", "two red stars on the right"):
+        assert caption_matches_scene(wrong, scene) is False, wrong  # the right object, but not that place or size
+    assert caption_matches_scene("a red star on the right of the image", scene) is False  # a place, not a relation
 
 
 def test_demo_splits_keys_ids_and_test_annotations(demo_world):

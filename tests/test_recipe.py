@@ -271,3 +271,10 @@ def test_compare_tabulates_models_the_filter_and_the_synthetic_captions(tmp_path
     assert json.loads((tmp_path / "compare.json").read_text()) == res
     printed = " ".join(capsys.readouterr().out.split())
     assert "noisy web captions removed 80.0%" in printed and "20.0% of all, 10.0% of the 10 kept" in printed
+    # no noise labels, and the filter kept no synthetic caption that could be checked
+    capfilt = put("capfilt2.json", {"captions_vs_scene": {"synthetic": {"all": synthetic["all"]}}})
+    res = run_compare(str(tmp_path / "compare2.json"), ret, cap, capfilt)
+    assert "filter" not in res and res["synthetic_vs_scene"] == {"all": synthetic["all"]}
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "synthetic captions naming the scene right: 20.0% of all, 0.0% of the 0 kept" in printed
+    assert "; synthetic" not in printed

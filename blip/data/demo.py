@@ -207,27 +207,33 @@ def _alternatives(words: Iterable[str]) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # longest first: "round shape"
 
 
+_SIZE_OF = _words(SIZE_WORDS)
 _SHAPE_OF = _words(SHAPE_WORDS)
 _POSITION_OF = _words(POSITION_WORDS)
 _OBJECT_PHRASE = re.compile(
-    rf"\b({_alternatives(COLORS)}) (?:(?:{_alternatives(_words(SIZE_WORDS))}) )?({_alternatives(_SHAPE_OF)})"
-    rf"(?: ({_alternatives(_POSITION_OF)})(?! of))?"  # "to the left of a ..." is a relation, not a position
+    rf"\b(?:({_alternatives(_SIZE_OF)}) )?({_alternatives(COLORS)}) ({_alternatives(_SHAPE_OF)})(?:e?s)?\b"
+    rf"(?: ({_alternatives(_POSITION_OF)})(?! of an? ))?"  # "to the left of a ..." is a relation, not a position
 )
 
 
 def caption_matches_scene(text: str, scene: dict) -> bool | None:
-    """Whether a caption names only what the scene holds: every "colour [size] shape [position]" phrase an object of
-    that colour and shape, at that position when one is given. None: no such phrase (junk, or a free-form caption).
+    """Whether a caption names only what the scene holds: every "[size] colour shape [position]" phrase an object of
+    that colour and shape, of that size and at that position when they are given. None: no such phrase (junk, or a
+    caption off the grammar).
 
     The demo world records every scene, so synthetic captions can be checked, not just scored by the filter.
     """
-    objects = {(o["color"], o["shape"]): o["position"] for o in scene.get("objects", [])}
+    objects = {(o["color"], o["shape"]): o for o in scene.get("objects", [])}
     phrases = _OBJECT_PHRASE.findall(text.lower())
     if not phrases:
         return None
-    for color, shape_word, position_word in phrases:
-        key = (color, _SHAPE_OF[shape_word])
-        if key not in objects or (position_word and _POSITION_OF[position_word] != objects[key]):
+    for size_word, color, shape_word, position_word in phrases:
+        o = objects.get((color, _SHAPE_OF[shape_word]))
+        if o is None:
+            return False
+        if (size_word and _SIZE_OF[size_word] != o["size"]) or (
+            position_word and _POSITION_OF[position_word] != o["position"]
+        ):
             return False
     return True
 

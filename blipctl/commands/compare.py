@@ -76,10 +76,11 @@ def run_compare(
         if synthetic:
             result["synthetic_vs_scene"] = synthetic
             kept = synthetic.get("kept", {"share": 0.0, "checked": 0})
-            table.caption = (table.caption or "") + (
-                f"; synthetic captions naming the scene right: {synthetic['all']['share']:.1%} of all, "
+            line = (
+                f"synthetic captions naming the scene right: {synthetic['all']['share']:.1%} of all, "
                 f"{kept['share']:.1%} of the {kept['checked']} kept"
             )
+            table.caption = f"{table.caption}; {line}" if table.caption else line
     console.print(table)
     write_json_atomic(Path(out), result)
     return result
