@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 $(BIN)/blipctl: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-cache-dir -e ".[dev]"
 	command -v java >/dev/null || echo "note: java not found; METEOR is skipped (apt-get install default-jre-headless)"
 	touch $(BIN)/blipctl
 
