@@ -70,6 +70,15 @@ def test_demo_recipe_is_the_bootstrap():
     assert {k: v for k, v in a.params["data"].items() if k != "train"} == {
         k: v for k, v in b.params["data"].items() if k != "train"
     }
+    # captioning is scored after the same captioner fine-tune of each pre-training (the paper's Table 1 protocol)
+    cap_a, cap_b = by["captioner"], by["captioner_b"]
+    assert cap_b.command == cap_a.command and cap_b.params["init"] == b.params["out"]
+    assert {k: v for k, v in cap_a.params.items() if k not in ("init", "out", "name")} == {
+        k: v for k, v in cap_b.params.items() if k not in ("init", "out", "name")
+    }
+    assert by["caption_a"].params["model"] == cap_a.params["out"]
+    assert by["caption_b"].params["model"] == cap_b.params["out"]
+    assert by["retrieval_a"].params["model"] == a.params["out"] and by["retrieval_b"].params["model"] == b.params["out"]
     assert by["compare"].params["capfilt"].endswith("capfilt.json")
     # the warm start pre-trains the unimodal towers only (ITC), as BLIP starts from ImageNet-ViT + BERT
     assert (w.params["loss"]["itm"], w.params["loss"]["lm"]) == (0.0, 0.0) and "itc" not in w.params["loss"]
@@ -77,8 +86,32 @@ def test_demo_recipe_is_the_bootstrap():
     # seed): human images have up to 3 captions, CapFilt keeps up to 1 + num_captions per web image
     human, web = SCALES["full"]["human"][0], SCALES["full"]["web"][0]
     most_pairs = 3 * human + (1 + by["capfilt"].params["num_captions"]) * web
-    for st in (w, a, b, by["captioner"], by["filter"]):
+    for st in (w, a, b, by["captioner"], by["filter"], by["captioner_b"]):
         assert st.params["data"]["shuffle_buffer"] >= most_pairs, st.name
+
+
+def test_demo_scores_whole_captions():
+    """Every caption the world's grammar writes fits, after the captioner's prompt, in the demo's caption max_length:
+    the paper's 20 tokens (COCO captions are ~10 words) cut up to half of the generated captions mid-phrase."""
+    import random
+
+    from blip.data.demo import describe, random_scene
+    from blip.tokenizer import Tokenizer
+    from blip.train_config import task_defaults
+
+    rng = random.Random(0)
+    captions = [describe(random_scene(rng), rng) for _ in range(20000)]
+    tok = Tokenizer.train(captions)
+    by = {s.name: s for s in load_recipe(ROOT / "recipes" / "demo.toml").steps}
+    prompt = task_defaults("captioner")["data"]["prompt"]
+    for name in ("captioner", "captioner_b"):
+        assert by[name].params["data"].get("prompt", prompt) == prompt
+    ids, _ = tok([prompt + c for c in captions], max_length=512)  # [CLS] (the decoder's [DEC]) prompt caption [SEP]
+    longest = int(ids.ne(0).sum(1).max())
+    assert longest > 20  # the grammar does write captions that the paper's length cuts
+    for name in ("caption_a", "caption_b"):
+        assert by[name].params["max_length"] >= longest, name
+        assert "prompt" not in by[name].params  # the fine-tune's prompt (eval-caption's default) is the one scored
 
 
 # ---- the runner on real, fast steps ---------------------------------------------------------------------------------
@@ -181,6 +214,7 @@ CI_DEMO = [
     "pretrain_b.max_steps=8",
     "captioner.max_steps=4",
     "filter.max_steps=4",
+    "captioner_b.max_steps=4",
 ]
 
 
