@@ -15,19 +15,18 @@ often it is restarted.
 from __future__ import annotations
 
 import hashlib
-import html
-import io
 import json
-import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from blip import capfilt_report as report
+from blip.atomic import write_text
 from blip.errors import InputError
 from blip.generation import GenerationConfig, generate
 from blip.model.blip import BLIP
@@ -36,7 +35,6 @@ from blip.tokenizer import Tokenizer
 STATS_DIR = "_capfilt"
 SUMMARY = "capfilt.json"
 REPORT = "report.html"
-EXAMPLES_PER_SHARD = 6
 
 
 @dataclass
@@ -195,7 +193,6 @@ def process_shard(
     shard: str, out_dir: Path, boot: Bootstrapper, on_images: Callable[[int], None] | None = None
 ) -> ShardStats:
     """Bootstrap one input shard into `out_dir/<name>` (atomic) plus its stats file; returns the stats."""
-    from blip.data.demo import caption_matches_scene
     from blip.data.shards import SampleStats, iter_shard, write_shard
 
     cfg = boot.cfg
@@ -203,10 +200,11 @@ def process_shard(
     tar_path, stats_path = output_paths(out_dir, shard)
     st = ShardStats(shard=Path(shard).name)
     counts = {s: Counter() for s in ("web", "synthetic", "human")}
-    noise, scene = Counter(), Counter()
     bad = SampleStats()
     gen = torch.Generator(device=boot.device).manual_seed(shard_seed(cfg.seed, shard))
     out_samples = []
+    decided = []  # (sample json, its captions) of every web sample, for the ground-truth checks
+    examples = []  # (sample, captions or None for human data, kept captions) of the first few samples
     for batch in _batches(iter_shard(shard, bad, strict=cfg.strict), cfg.batch_size):
         st.images_in += len(batch)
         web = [s for s in batch if not _is_human(s)]
@@ -223,19 +221,8 @@ def process_shard(
                     counts[source]["in"] += 1
                     counts[source]["kept" if keep else "dropped"] += 1
                     caps.append({"text": t, "source": source, "itm": round(p, 6), "itc": round(c, 6), "kept": keep})
-                    right = caption_matches_scene(t, s["json"]["scene"]) if "scene" in s["json"] else None
-                    if right is not None:
-                        for group in ("all", "kept") if keep else ("all",):
-                            scene[f"{source}/{group}/checked"] += 1
-                            scene[f"{source}/{group}/right"] += right
-                if "noise" in s["json"]:
-                    noisy, dropped = bool(s["json"]["noise"]), not caps[0]["kept"]
-                    noise[
-                        {(True, True): "tp", (False, True): "fp", (True, False): "fn", (False, False): "tn"}[
-                            (noisy, dropped)
-                        ]
-                    ] += 1
                 decisions[s["key"]] = caps
+                decided.append((s["json"], caps))
         for s in batch:
             if s["key"] in decisions:
                 caps = decisions[s["key"]]
@@ -246,8 +233,8 @@ def process_shard(
                 kept = [{"text": c["text"], "source": "human", "itm": None} for c in given]
                 counts["human"]["in"] += len(kept)
                 counts["human"]["kept"] += len(kept)
-            if len(st.examples) < EXAMPLES_PER_SHARD:
-                st.examples.append(_example(s, caps, kept, out_dir))
+            if len(examples) < report.EXAMPLES_PER_SHARD:
+                examples.append((s, caps, kept))
             if not kept:
                 continue
             meta = {**s["json"], "captions": kept}
@@ -259,47 +246,15 @@ def process_shard(
     st.images_out = len(out_samples)
     st.counts = {k: {"in": v["in"], "kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()}
     st.bad_samples = dict(bad.bad)
-    st.noise = dict(noise)
-    st.scene = dict(scene)
+    st.noise, st.scene = report.ground_truth_checks(decided)
+    st.examples = [report.example(s, caps, kept, out_dir, STATS_DIR) for s, caps, kept in examples]
     st.seconds = time.perf_counter() - t0
     write_shard(tar_path, out_samples)
-    _atomic_write_text(stats_path, json.dumps(asdict(st), indent=1))
+    write_text(stats_path, json.dumps(asdict(st), indent=1))
     return st
 
 
-def _example(sample: dict, caps: list | None, kept: list, out_dir: Path) -> dict:
-    """A report row: a thumbnail file plus the texts, scores and decisions."""
-    thumb_rel = f"{STATS_DIR}/thumbs/{Path(sample['shard']).stem}_{sample['key']}.jpg"
-    thumb = out_dir / thumb_rel
-    thumb.parent.mkdir(parents=True, exist_ok=True)
-    im = sample["image"].copy()
-    im.thumbnail((160, 160))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=85)
-    _atomic_write_bytes(thumb, buf.getvalue())
-    rows = caps if caps is not None else [{**k, "kept": True} for k in kept]
-    return {
-        "key": sample["key"],
-        "thumb": thumb_rel,
-        "captions": rows,
-        "noise": sample["json"].get("noise"),
-        "noise_kind": sample["json"].get("noise_kind"),
-    }
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode())
-
-
-# ---- summary and report ------------------------------------------------------------------------------------------
+# ---- summary -----------------------------------------------------------------------------------------------------
 def summarize(out_dir: Path, inputs: list[str], settings: dict) -> dict:
     """Aggregate every finished shard's stats in `out_dir` into capfilt.json (and report.html)."""
     stats = []
@@ -333,79 +288,102 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict) -> dict:
     }
     web = summary["counts"]["web"]
     summary["web_noise_ratio"] = round(web["dropped"] / web["in"], 4) if web["in"] else None
-    if noise:
-        tp, fp, fn, tn = (noise.get(k, 0) for k in ("tp", "fp", "fn", "tn"))
-        summary["filter_vs_noise_labels"] = {
-            "tp": tp,
-            "fp": fp,
-            "fn": fn,
-            "tn": tn,
-            "precision": round(tp / (tp + fp), 4) if tp + fp else None,
-            "recall": round(tp / (tp + fn), 4) if tp + fn else None,
-            "noisy_removed": round(tp / (tp + fn), 4) if tp + fn else None,
-            "clean_kept": round(tn / (tn + fp), 4) if tn + fp else None,
-        }
-    if scene:
-        summary["captions_vs_scene"] = {
-            source: {
-                group: {
-                    "checked": n,
-                    "right": scene[f"{source}/{group}/right"],
-                    "share": round(scene[f"{source}/{group}/right"] / n, 4),
-                }
-                for group in ("all", "kept")
-                if (n := scene[f"{source}/{group}/checked"])
-            }
-            for source in ("web", "synthetic")
-            if scene[f"{source}/all/checked"]
-        }
-    _atomic_write_text(out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    _atomic_write_text(out_dir / REPORT, render_report(summary, [e for st in stats for e in st["examples"]]))
+    report.add_checks(summary, noise, scene)
+    write_text(out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    write_text(out_dir / REPORT, report.render_report(summary, [e for st in stats for e in st["examples"]]))
     return summary
 
 
-def render_report(summary: dict, examples: list[dict]) -> str:
-    """A static page: the summary numbers, then thumbnails with web/synthetic captions, scores and decisions."""
-    esc = html.escape
-    rows = []
-    for ex in examples:
-        items = []
-        for c in ex["captions"]:
-            decision = "kept" if c.get("kept") else "dropped"
-            score = "" if c.get("itm") is None else "ITM {:.3f}".format(c["itm"])
-            items.append(
-                f'<li class="{decision}"><span class="src">{esc(c["source"])}</span> {esc(c["text"])} '
-                f'<span class="score">{score}</span> <b>{decision}</b></li>'
-            )
-        truth = ""
-        if ex.get("noise") is not None:
-            label = "noisy ({})".format(esc(str(ex.get("noise_kind")))) if ex["noise"] else "clean"
-            truth = f'<div class="truth">truth: {label}</div>'
-        rows.append(
-            f'<div class="ex"><img src="{esc(ex["thumb"])}" alt="{esc(ex["key"])}">'
-            f'<div><div class="key">{esc(ex["key"])}</div>{truth}<ul>{"".join(items)}</ul></div></div>'
-        )
-    c = summary["counts"]
-    table = "".join(
-        f"<tr><td>{k}</td><td>{v['in']}</td><td>{v['kept']}</td><td>{v['dropped']}</td></tr>" for k, v in c.items()
-    )
-    extra = ""
-    if "filter_vs_noise_labels" in summary:
-        f = summary["filter_vs_noise_labels"]
-        extra = (
-            f"<p>Filter vs known noise labels: precision {f['precision']}, recall {f['recall']} "
-            f"(noisy web captions removed {f['noisy_removed']}, clean kept {f['clean_kept']}).</p>"
-        )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>blipctl CapFilt report</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
-padding:4px 8px}} .ex{{display:flex;gap:1em;margin:1em 0;border-bottom:1px solid #eee;padding-bottom:1em}}
-.ex img{{width:160px;height:auto}} .kept{{color:#155724}} .dropped{{color:#a00;text-decoration:line-through}}
-.src{{font-size:80%;background:#eee;padding:1px 4px}} .key{{color:#666}} .truth{{font-size:90%}}</style></head>
-<body><h1>CapFilt report</h1>
-<p>{summary["shards_done"]}/{summary["shards_total"]} shards, {summary["images_in"]} images in,
-{summary["images_out"]} out, {summary["images_per_s"]} images/s; web noise ratio {summary["web_noise_ratio"]}.</p>
-<table id="counts"><tr><th>source</th><th>in</th><th>kept</th><th>dropped</th></tr>{table}</table>{extra}
-<h2>Examples</h2>{"".join(rows)}
-</body></html>
-"""
+# ---- the driver --------------------------------------------------------------------------------------------------
+@dataclass
+class CapfiltProgress:
+    """What `run` reports to `on_progress`: once before loading the models, then after every batch and shard."""
+
+    shards_total: int
+    """Input shards of the whole run (every job, every rank)."""
+    shards_mine: int
+    """This process's share."""
+    shards_skipped: int
+    """Of this process's share, finished by an earlier run."""
+    shards_done: int = 0
+    """Processed by this call so far."""
+    images: int = 0
+    """Images processed by this call so far."""
+    seconds: float = 0.0
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def shards_todo(self) -> int:
+        return self.shards_mine - self.shards_skipped
+
+
+def run(
+    inputs: str | list[str],
+    out: str | Path,
+    *,
+    captioner: Any = None,
+    filter: Any = None,  # noqa: A002 - the paper's word
+    config: CapfiltConfig | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    device: str = "auto",
+    on_progress: Callable[[CapfiltProgress], None] | None = None,
+) -> dict:
+    """Run CapFilt over this process's share of the input shards; returns the summary (capfilt.json) on rank 0
+    and {} on other ranks.
+
+    `captioner` / `filter`: a model source (blipctl dir, HF dir or hub id, .pth; default the released BLIP
+    models) or a loaded `blip.checkpoint.Loaded`. Under torchrun the ranks split the shards; `shard_index` of
+    `num_shards` splits them between independent jobs. Finished shards (output and stats present) are skipped.
+    """
+    from blip.checkpoint import DEFAULT_CAPTIONER, DEFAULT_FILTER, Loaded, load_model
+    from blip.data.shards import expand_shards
+    from blip.distributed import barrier, cleanup, init_distributed, resolve_device
+
+    cfg = config if config is not None else CapfiltConfig()
+    info = init_distributed("auto" if device == "auto" else ("cpu" if device == "cpu" else "cuda"))
+    dev = str(info.device) if device in ("auto", "cpu", "cuda") else resolve_device(device)
+    try:
+        rank, world = info.rank, info.world_size
+        shards = expand_shards(inputs)
+        out_path = Path(out)
+        barrier(info)  # rank 0 may have just cleared `out` (a recipe rerun): every rank reads it after that
+        out_path.mkdir(parents=True, exist_ok=True)
+        mine = assign_shards(shards, shard_index, num_shards, rank, world)
+        todo = [s for s in mine if not is_done(out_path, s)]
+        cap_src = captioner or DEFAULT_CAPTIONER
+        filt_src = filter or DEFAULT_FILTER
+        settings = {
+            **cfg.__dict__,
+            "captioner": cap_src.source if isinstance(cap_src, Loaded) else cap_src,
+            "filter": filt_src.source if isinstance(filt_src, Loaded) else filt_src,
+            "inputs": inputs,
+        }
+        prog = CapfiltProgress(len(shards), len(mine), len(mine) - len(todo), rank=rank, world_size=world)
+        if on_progress:
+            on_progress(prog)
+        if todo:
+
+            def load(src: Any) -> Loaded:
+                return src if isinstance(src, Loaded) else load_model(src, device=dev)
+
+            c = load(cap_src) if cfg.num_captions > 0 else None  # 0: filter web captions only
+            f = load(filt_src)
+            boot = Bootstrapper(c and c.model, c and c.tokenizer, f.model, f.tokenizer, cfg)
+            t0 = time.perf_counter()
+
+            def seen(k: int) -> None:
+                prog.images += k
+                prog.seconds = time.perf_counter() - t0
+                if on_progress:
+                    on_progress(prog)
+
+            for shard in todo:
+                process_shard(shard, out_path, boot, on_images=seen)
+                prog.shards_done += 1
+                seen(0)
+        barrier(info)
+        return summarize(out_path, shards, settings) if rank == 0 else {}
+    finally:
+        cleanup(info)

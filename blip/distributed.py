@@ -36,6 +36,13 @@ class DistInfo:
         return self.world_size > 1
 
 
+def resolve_device(device: str) -> str:
+    """ "auto" -> "cuda" when a GPU is available, else "cpu"; anything else ("cpu", "cuda:1") as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun job described by the environment (WORLD_SIZE > 1), else run as one process.
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from blipctl._common import err, guarded, out, progress
-from blipctl.commands.model_cmds import DeviceOpt, resolve_device
+from blipctl.commands.model_cmds import DeviceOpt
 
 
 def run_capfilt(
@@ -33,62 +32,49 @@ def run_capfilt(
     device: str = "auto",
     show_progress: bool = True,
 ) -> dict:
-    """Run CapFilt over this process's share of the input shards; returns the summary (capfilt.json)."""
-    from blip.capfilt import Bootstrapper, CapfiltConfig, assign_shards, is_done, process_shard, summarize
-    from blip.checkpoint import DEFAULT_CAPTIONER, DEFAULT_FILTER, load_model
-    from blip.data.shards import expand_shards
-    from blip.distributed import barrier, cleanup, init_distributed
+    """The flags as one `blip.capfilt.run` call, drawing progress; returns the summary (capfilt.json)."""
+    from blip.capfilt import CapfiltConfig, CapfiltProgress, run
 
-    info = init_distributed("auto" if device == "auto" else ("cpu" if device == "cpu" else "cuda"))
-    dev = str(info.device) if device in ("auto", "cpu", "cuda") else resolve_device(device)
-    try:
-        rank, world = info.rank, info.world_size
-        shards = expand_shards(inputs)
-        out_path = Path(out_dir)
-        barrier(info)  # rank 0 may have just cleared out_dir (a recipe rerun): every rank reads it after that
-        out_path.mkdir(parents=True, exist_ok=True)
-        mine = assign_shards(shards, shard_index, num_shards, rank, world)
-        todo = [s for s in mine if not is_done(out_path, s)]
-        cfg = CapfiltConfig(
-            num_captions=num_captions,
-            top_p=top_p,
-            num_beams=num_beams,
-            threshold=threshold,
-            itc_threshold=itc_threshold,
-            batch_size=batch_size,
-            seed=seed,
-            max_length=max_length,
-            min_length=min_length,
-            prompt=prompt,
-            strict=strict,
+    cfg = CapfiltConfig(
+        num_captions=num_captions,
+        top_p=top_p,
+        num_beams=num_beams,
+        threshold=threshold,
+        itc_threshold=itc_threshold,
+        batch_size=batch_size,
+        seed=seed,
+        max_length=max_length,
+        min_length=min_length,
+        prompt=prompt,
+        strict=strict,
+    )
+    with progress() as bar:
+        task = None
+
+        def show(p: CapfiltProgress) -> None:
+            nonlocal task
+            if task is None:
+                if p.rank == 0:
+                    err.print(
+                        f"capfilt: {p.shards_total} input shards; this job {p.shards_mine}, "
+                        f"{p.shards_skipped} already done, {p.world_size} rank(s)"
+                    )
+                task = bar.add_task("capfilt", total=p.shards_todo, rate="")
+                return
+            rate = f"{p.images / p.seconds:.1f} img/s" if p.seconds else ""
+            bar.update(task, completed=p.shards_done, rate=rate)
+
+        return run(
+            inputs,
+            out_dir,
+            captioner=captioner,
+            filter=filter,
+            config=cfg,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            device=device,
+            on_progress=show,
         )
-        cap_src, filt_src = captioner or DEFAULT_CAPTIONER, filter or DEFAULT_FILTER
-        settings = {**cfg.__dict__, "captioner": cap_src, "filter": filt_src, "inputs": inputs}
-        if rank == 0:
-            err.print(
-                f"capfilt: {len(shards)} input shards; this job {len(mine)}, "
-                f"{len(mine) - len(todo)} already done, {world} rank(s)"
-            )
-        if todo:
-            c = load_model(cap_src, device=dev) if num_captions > 0 else None  # 0: filter web captions only
-            f = load_model(filt_src, device=dev)
-            boot = Bootstrapper(c and c.model, c and c.tokenizer, f.model, f.tokenizer, cfg)
-            t0, n = time.perf_counter(), 0
-            with progress() as bar:
-                task = bar.add_task("capfilt", total=len(todo), rate="")
-                for shard in todo:
-
-                    def seen(k: int) -> None:
-                        nonlocal n
-                        n += k
-                        bar.update(task, rate=f"{n / (time.perf_counter() - t0):.1f} img/s")
-
-                    process_shard(shard, out_path, boot, on_images=seen)
-                    bar.advance(task)
-        barrier(info)
-        return summarize(out_path, shards, settings) if rank == 0 else {}
-    finally:
-        cleanup(info)
 
 
 def capfilt(

@@ -1,0 +1,141 @@
+"""What CapFilt reports beside its shards: example rows with thumbnails, checks against the demo world's ground
+truth (known noise labels, recorded scenes), and the static HTML report.
+
+Kept apart from the keep/drop algorithm in blip/capfilt.py: the shard driver hands each finished shard's decisions
+here once the shard is decided, and the summary turns the per-shard counters into numbers and a page.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections import Counter
+from pathlib import Path
+
+from blip.atomic import write_bytes
+
+EXAMPLES_PER_SHARD = 6
+OUTCOME = {(True, True): "tp", (False, True): "fp", (True, False): "fn", (False, False): "tn"}
+"""(noisy, dropped) -> the filter's outcome, counting "dropped" as "flagged noisy"."""
+
+
+def example(sample: dict, caps: list | None, kept: list, out_dir: Path, stats_dir: str) -> dict:
+    """A report row: a thumbnail file plus the texts, scores and decisions."""
+    thumb_rel = f"{stats_dir}/thumbs/{Path(sample['shard']).stem}_{sample['key']}.jpg"
+    thumb = out_dir / thumb_rel
+    thumb.parent.mkdir(parents=True, exist_ok=True)
+    im = sample["image"].copy()
+    im.thumbnail((160, 160))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    write_bytes(thumb, buf.getvalue())
+    rows = caps if caps is not None else [{**k, "kept": True} for k in kept]
+    return {
+        "key": sample["key"],
+        "thumb": thumb_rel,
+        "captions": rows,
+        "noise": sample["json"].get("noise"),
+        "noise_kind": sample["json"].get("noise_kind"),
+    }
+
+
+def ground_truth_checks(decided: list[tuple[dict, list[dict]]]) -> tuple[dict, dict]:
+    """Counters of one shard's decisions against the demo world's labels: (noise, scene).
+
+    `decided`: (sample json, its captions with "text", "source", "kept"; the web caption first) per web sample.
+    noise: tp/fp/fn/tn of "dropped = noisy" for web captions with a json.noise label; scene: per source and group
+    (all, kept), captions checked against json.scene and how many name it right.
+    """
+    from blip.data.demo import caption_matches_scene
+
+    noise, scene = Counter(), Counter()
+    for meta, caps in decided:
+        if "scene" in meta:
+            for c in caps:
+                right = caption_matches_scene(c["text"], meta["scene"])
+                if right is None:
+                    continue
+                for group in ("all", "kept") if c["kept"] else ("all",):
+                    scene[f"{c['source']}/{group}/checked"] += 1
+                    scene[f"{c['source']}/{group}/right"] += right
+        if "noise" in meta:
+            noisy, dropped = bool(meta["noise"]), not caps[0]["kept"]
+            noise[OUTCOME[(noisy, dropped)]] += 1
+    return dict(noise), dict(scene)
+
+
+def add_checks(summary: dict, noise: Counter, scene: Counter) -> None:
+    """Add the ground-truth sections (filter_vs_noise_labels, captions_vs_scene) to a summary, when there are any."""
+    if noise:
+        tp, fp, fn, tn = (noise.get(k, 0) for k in ("tp", "fp", "fn", "tn"))
+        summary["filter_vs_noise_labels"] = {
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "tn": tn,
+            "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+            "recall": round(tp / (tp + fn), 4) if tp + fn else None,
+            "noisy_removed": round(tp / (tp + fn), 4) if tp + fn else None,
+            "clean_kept": round(tn / (tn + fp), 4) if tn + fp else None,
+        }
+    if scene:
+        summary["captions_vs_scene"] = {
+            source: {
+                group: {
+                    "checked": n,
+                    "right": scene[f"{source}/{group}/right"],
+                    "share": round(scene[f"{source}/{group}/right"] / n, 4),
+                }
+                for group in ("all", "kept")
+                if (n := scene[f"{source}/{group}/checked"])
+            }
+            for source in ("web", "synthetic")
+            if scene[f"{source}/all/checked"]
+        }
+
+
+def render_report(summary: dict, examples: list[dict]) -> str:
+    """A static page: the summary numbers, then thumbnails with web/synthetic captions, scores and decisions."""
+    esc = html.escape
+    rows = []
+    for ex in examples:
+        items = []
+        for c in ex["captions"]:
+            decision = "kept" if c.get("kept") else "dropped"
+            score = "" if c.get("itm") is None else "ITM {:.3f}".format(c["itm"])
+            items.append(
+                f'<li class="{decision}"><span class="src">{esc(c["source"])}</span> {esc(c["text"])} '
+                f'<span class="score">{score}</span> <b>{decision}</b></li>'
+            )
+        truth = ""
+        if ex.get("noise") is not None:
+            label = "noisy ({})".format(esc(str(ex.get("noise_kind")))) if ex["noise"] else "clean"
+            truth = f'<div class="truth">truth: {label}</div>'
+        rows.append(
+            f'<div class="ex"><img src="{esc(ex["thumb"])}" alt="{esc(ex["key"])}">'
+            f'<div><div class="key">{esc(ex["key"])}</div>{truth}<ul>{"".join(items)}</ul></div></div>'
+        )
+    c = summary["counts"]
+    table = "".join(
+        f"<tr><td>{k}</td><td>{v['in']}</td><td>{v['kept']}</td><td>{v['dropped']}</td></tr>" for k, v in c.items()
+    )
+    extra = ""
+    if "filter_vs_noise_labels" in summary:
+        f = summary["filter_vs_noise_labels"]
+        extra = (
+            f"<p>Filter vs known noise labels: precision {f['precision']}, recall {f['recall']} "
+            f"(noisy web captions removed {f['noisy_removed']}, clean kept {f['clean_kept']}).</p>"
+        )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>blipctl CapFilt report</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
+padding:4px 8px}} .ex{{display:flex;gap:1em;margin:1em 0;border-bottom:1px solid #eee;padding-bottom:1em}}
+.ex img{{width:160px;height:auto}} .kept{{color:#155724}} .dropped{{color:#a00;text-decoration:line-through}}
+.src{{font-size:80%;background:#eee;padding:1px 4px}} .key{{color:#666}} .truth{{font-size:90%}}</style></head>
+<body><h1>CapFilt report</h1>
+<p>{summary["shards_done"]}/{summary["shards_total"]} shards, {summary["images_in"]} images in,
+{summary["images_out"]} out, {summary["images_per_s"]} images/s; web noise ratio {summary["web_noise_ratio"]}.</p>
+<table id="counts"><tr><th>source</th><th>in</th><th>kept</th><th>dropped</th></tr>{table}</table>{extra}
+<h2>Examples</h2>{"".join(rows)}
+</body></html>
+"""
