@@ -144,8 +144,16 @@ def _text_base(vocab_size: int) -> TextConfig:
 SIZES = ("tiny", "base", "large")
 
 
-def model_config(size: str, vocab_size: int = 30524, image_size: int = 224, **overrides: Any) -> BlipConfig:
-    """A fresh-model config for a named size. `tiny` is small enough to pre-train on a laptop CPU in minutes."""
+def model_config(
+    size: str, vocab_size: int | None = None, image_size: int = 224, tokenizer: Any = None, **overrides: Any
+) -> BlipConfig:
+    """A fresh-model config for a named size. `tiny` is small enough to pre-train on a laptop CPU in minutes.
+
+    With `tokenizer` (a blip.tokenizer.Tokenizer) the vocabulary size and every special token id come from it;
+    without, bert-base-uncased + [DEC] + [ENC] (vocab_size 30524) is assumed.
+    """
+    if vocab_size is None:
+        vocab_size = len(tokenizer) if tokenizer is not None else 30524
     if size == "tiny":
         vision = VisionConfig(image_size=image_size, patch_size=16, width=256, depth=2, heads=4, mlp_dim=1024)
         text = TextConfig(vocab_size=vocab_size, hidden=256, layers=2, heads=4, mlp_dim=1024, max_positions=64)
@@ -158,4 +166,13 @@ def model_config(size: str, vocab_size: int = 30524, image_size: int = 224, **ov
     else:
         raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
     cfg = BlipConfig(vision=vision, text=text, bos_token_id=vocab_size - 2, enc_token_id=vocab_size - 1)
+    if tokenizer is not None:
+        cfg = dataclasses.replace(
+            cfg,
+            pad_token_id=tokenizer.pad_id,
+            cls_token_id=tokenizer.cls_id,
+            sep_token_id=tokenizer.sep_id,
+            bos_token_id=tokenizer.bos_id,
+            enc_token_id=tokenizer.enc_id,
+        )
     return dataclasses.replace(cfg, **overrides)

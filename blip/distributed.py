@@ -8,7 +8,9 @@ NCCL, so checking them every step never blocks the CPU on the GPU stream.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +82,31 @@ def cleanup(info: DistInfo) -> None:
     """
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[DistInfo]:
+    """Join torchrun's process group when there is one, and leave it afterwards if this call created it.
+
+    device: "auto", "cpu", "cuda", or "cuda:N" (a single process on that GPU). On a clean exit every rank meets
+    at a barrier before any leaves the group.
+    """
+    from blip.errors import InputError
+
+    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        torch.cuda.set_device(torch.device(device))
+        yield DistInfo(device=torch.device(device))
+        return
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}", param="device")
+    existed = dist.is_available() and dist.is_initialized()
+    info = init_distributed(device)
+    try:
+        yield info
+        barrier(info)  # reached only without an error: every rank done before any leaves the group
+    finally:
+        if not existed:
+            cleanup(info)
 
 
 def barrier(info: DistInfo) -> None:

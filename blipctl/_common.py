@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -22,11 +23,42 @@ err = Console(stderr=True)
 out = Console()
 
 
-def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+def flag_names(fn: Callable[..., Any]) -> dict[str, str]:
+    """Parameter name -> how the command line spells it: an option's first declared flag (else `--name-with-
+    dashes`), an argument's metavar (`DATASET`)."""
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(fn, include_extras=True)
+    names = {}
+    for name in inspect.signature(fn).parameters:
+        info = next((m for m in getattr(hints.get(name), "__metadata__", ()) if hasattr(m, "param_decls")), None)
+        if isinstance(info, typer.models.ArgumentInfo):
+            names[name] = name.upper()
+            continue
+        # Annotated[..., typer.Option("--in")]: the first declaration sits in `default`
+        first = [info.default] if info is not None and isinstance(info.default, str) else []
+        decls = [d for d in [*first, *(getattr(info, "param_decls", None) or ())] if d.startswith("--")]
+        names[name] = decls[0].split("/")[0] if decls else "--" + name.replace("_", "-")
+    return names
+
+
+def cli_message(e: InputError, flags: dict[str, str]) -> str:
+    """The library's message with the parameters it names (InputError.params) spelled as this command's flags."""
+    msg = str(e)
+    for p in getattr(e, "params", ()):
+        if p in flags:
+            msg = re.sub(rf"(?<![\w-]){re.escape(p)}(?![\w-])", flags[p], msg)
+    return msg
+
+
+def guarded(fn: Callable[..., Any], flags: dict[str, str] | None = None) -> Callable[..., Any]:
     """Map library exceptions to the CLI contract: InputError -> exit 2, anything else -> exit 1, no traceback.
 
-    Set BLIPCTL_DEBUG=1 to see the traceback.
+    An InputError's parameter names become the command's flags (`flags`, default: read from `fn`'s options), so
+    library messages speak Python and CLI messages speak flags. Set BLIPCTL_DEBUG=1 to see the traceback.
     """
+    table = {**flag_names(fn), **(flags or {})}
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -37,7 +69,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except InputError as e:
             if os.environ.get("BLIPCTL_DEBUG"):
                 raise
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            err.print(f"[bold red]error:[/] {cli_message(e, table)}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")

@@ -267,3 +267,137 @@ def evaluate_caption(
     rank, _ = rank_and_world()
     metrics = score_captions(results, eval_set.gt, meteor=meteor, spice=spice, warn=warn) if rank == 0 else None
     return broadcast_from_main(metrics), results
+
+
+# ---- the verb: `blip.eval.caption(...)`, what `blipctl eval-caption` runs ------------------------------------
+def run(
+    dataset: str | None = None,
+    model: Any = None,
+    *,
+    split: str = "test",
+    data_root: str | None = None,
+    num_beams: int = 3,
+    max_length: int = 20,
+    min_length: int = 5,
+    prompt: str = "a picture of ",
+    batch_size: int = 16,
+    results_out: str | None = None,
+    results: str | None = None,
+    annotations: str | None = None,
+    meteor: bool = True,
+    spice: bool | None = None,
+    tokenizer: str | None = None,
+    image_size: int | None = None,
+    device: str = "auto",
+    num_workers: int | None = None,
+    progress: ProgressFn | None = None,
+    warn: WarnFn | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE when it can run) as in the paper: caption
+    `dataset` with `model` (default Salesforce/blip-image-captioning-base), or score a COCO `results` file
+    against `annotations` (or the dataset's ground truth). `results_out` gets the captions (rank 0, atomic).
+    Warnings (a skipped metric) go to `warn` and into the result's "notes"."""
+    import json
+    import time
+
+    from blip.atomic import write_json
+    from blip.checkpoint import DEFAULT_CAPTIONER
+    from blip.data.datasets import load_eval_set
+    from blip.distributed import process_group
+    from blip.eval.common import default_workers, load_for_eval
+
+    notes: list[str] = []
+
+    def note(msg: str) -> None:
+        notes.append(msg)
+        if warn:
+            warn(msg)
+
+    def read_json(path: str, param: str) -> Any:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"{param}: file not found: {p}", param=param)
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{param}: {p} is not valid JSON ({e})", param=param) from None
+
+    settings = {"split": split, "meteor": meteor, "spice": spice}
+    if results is not None:
+        gt = read_json(annotations, "annotations") if annotations else None
+        if gt is None:
+            if dataset is None:
+                raise InputError(
+                    "results needs annotations GT.json (or a dataset whose ground truth to use)",
+                    param=("results", "annotations", "dataset"),
+                )
+            gt = load_eval_set(dataset, split=split, data_root=data_root).gt
+        res = read_json(results, "results")
+        if not isinstance(res, list) or not all(isinstance(r, dict) and {"image_id", "caption"} <= set(r) for r in res):
+            raise InputError(f'{results}: expected COCO results [{{"image_id": ..., "caption": ...}}, ...]')
+        metrics = score_captions(res, gt, meteor=meteor, spice=spice, warn=note)
+        return {
+            **metrics,
+            "model": None,
+            "dataset": str(annotations) if annotations else dataset,
+            "settings": {**settings, "results": str(results)},
+            "stats": {"num_images": len({r["image_id"] for r in res})},
+            "notes": notes,
+        }
+
+    if dataset is None:
+        raise InputError(
+            "give a dataset to caption, or results RESULTS.json with annotations GT.json to score",
+            param=("dataset", "results", "annotations"),
+        )
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}", param="batch_size")
+    with process_group(device) as info:
+        if on_stage:
+            on_stage(f"loading {dataset} ({split})")
+        eval_set = load_eval_set(dataset, split=split, data_root=data_root)
+        if on_stage:
+            on_stage(f"loading {model or DEFAULT_CAPTIONER}")
+        loaded = load_for_eval(model or DEFAULT_CAPTIONER, tokenizer, image_size, info.device)
+        t0 = time.perf_counter()
+        metrics, captions = evaluate_caption(
+            eval_set,
+            loaded.model,
+            loaded.tokenizer,
+            prompt=prompt,
+            num_beams=num_beams,
+            max_length=max_length,
+            min_length=min_length,
+            batch_size=batch_size,
+            num_workers=default_workers(num_workers, info.device),
+            meteor=meteor,
+            spice=spice,
+            progress=progress,
+            warn=note if info.is_main else None,
+        )
+        if info.is_main and results_out:
+            write_json(results_out, captions, ensure_ascii=False)
+        return {
+            **metrics,
+            "model": loaded.source,
+            "dataset": eval_set.name,
+            "settings": {
+                **settings,
+                "num_beams": num_beams,
+                "max_length": max_length,
+                "min_length": min_length,
+                "prompt": prompt,
+                "batch_size": batch_size,
+                "image_size": loaded.model.config.vision.image_size,
+                "world_size": info.world_size,
+                "device": str(info.device),
+            },
+            "stats": {"num_images": len(captions), "seconds": round(time.perf_counter() - t0, 2)},
+            "notes": notes,
+        }
+
+
+from blip._callable import make_callable  # noqa: E402 - `blip.eval.caption(...)` calls run(...)
+
+make_callable(__name__, "run")

@@ -72,3 +72,23 @@ def amp_context(device: torch.device, on: bool) -> contextlib.AbstractContextMan
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def default_workers(n: int | None, device: torch.device) -> int:
+    """Image-loading worker processes: as given, else 4 on GPU (bounded by the CPUs) and 0 on CPU."""
+    import os
+
+    if n is not None:
+        return n
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+def load_for_eval(source: Any, tokenizer: str | None, image_size: int | None, device: torch.device) -> Any:
+    """A blip.checkpoint.Loaded for `source` (a model source, a Loaded, or a blip.Model)."""
+    from blip.checkpoint import Loaded, load_model
+
+    if isinstance(source, Loaded):
+        return source
+    if hasattr(source, "net") and hasattr(source, "tokenizer"):  # a blip.Model
+        return Loaded(source.net, source.tokenizer, source.source, source.kind)
+    return load_model(source, tokenizer=tokenizer, image_size=image_size, device=device)

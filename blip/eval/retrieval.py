@@ -16,7 +16,8 @@ It is much faster than the original and its memory is bounded, for the same numb
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -290,3 +291,75 @@ def evaluate_retrieval(
     rank, _ = rank_and_world()
     metrics = recall_metrics(score_i2t, score_t2i, eval_set.img2txt, eval_set.txt2img) if rank == 0 else None
     return broadcast_from_main(metrics)
+
+
+# ---- the verb: `blip.eval.retrieval(...)`, what `blipctl eval-retrieval` runs --------------------------------
+def run(
+    dataset: str,
+    model: Any = None,
+    *,
+    k: int = 256,
+    split: str = "test",
+    data_root: str | None = None,
+    batch_size: int = 512,
+    tokenizer: str | None = None,
+    image_size: int | None = None,
+    device: str = "auto",
+    num_workers: int | None = None,
+    progress: ProgressFn | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Retrieval recall (R@1/5/10, percent) of `model` on `dataset` (coco, flickr30k, a shard spec or an
+    annotation JSON), as the paper: ITC top-k re-ranked by ITM + ITC. Under torchrun every rank computes a share;
+    every rank returns the result. `model`: a source (default Salesforce/blip-itm-base-coco) or a loaded model."""
+    import time
+
+    from blip.checkpoint import DEFAULT_FILTER
+    from blip.data.datasets import load_eval_set
+    from blip.distributed import process_group
+    from blip.eval.common import default_workers, load_for_eval
+
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}", param="batch_size")
+    with process_group(device) as info:
+        if on_stage:
+            on_stage(f"loading {dataset} ({split})")
+        eval_set = load_eval_set(dataset, split=split, data_root=data_root)
+        if on_stage:
+            on_stage(f"loading {model or DEFAULT_FILTER}")
+        loaded = load_for_eval(model or DEFAULT_FILTER, tokenizer, image_size, info.device)
+        t0 = time.perf_counter()
+        metrics = evaluate_retrieval(
+            eval_set,
+            loaded.model,
+            loaded.tokenizer,
+            k,
+            image_batch_size=min(32, batch_size),
+            text_batch_size=min(256, batch_size),
+            pairs_per_batch=batch_size,
+            num_workers=default_workers(num_workers, info.device),
+            progress=progress,
+        )
+        return {
+            **metrics,
+            "model": loaded.source,
+            "dataset": eval_set.name,
+            "settings": {
+                "k": k,
+                "split": split,
+                "batch_size": batch_size,
+                "image_size": loaded.model.config.vision.image_size,
+                "world_size": info.world_size,
+                "device": str(info.device),
+            },
+            "stats": {
+                "num_images": len(eval_set.img2txt),
+                "num_texts": len(eval_set.txt2img),
+                "seconds": round(time.perf_counter() - t0, 2),
+            },
+        }
+
+
+from blip._callable import make_callable  # noqa: E402 - `blip.eval.retrieval(...)` calls run(...)
+
+make_callable(__name__, "run")

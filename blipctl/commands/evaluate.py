@@ -7,17 +7,13 @@ share; rank 0 prints the table, the JSON line and writes the files.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from blipctl._common import err, guarded, print_json_line, write_json_atomic
+from blipctl._common import err, guarded, is_rank0, print_json_line, write_json_atomic
 from blipctl._common import progress as progress_bar
 
 DatasetArg = Annotated[
@@ -85,49 +81,27 @@ def eval_retrieval(
       blipctl eval-retrieval coco --model model_base_retrieval_coco.pth --data-root /data --out coco_ret.json
       torchrun --nproc_per_node 8 -m blipctl eval-retrieval flickr30k --model runs/filter --json
     """
-    from blip.checkpoint import DEFAULT_FILTER
-    from blip.eval.retrieval import METRIC_KEYS, evaluate_retrieval
+    from blip.eval import retrieval
 
-    if batch_size < 1:
-        raise _input_error(f"--batch-size must be at least 1, got {batch_size}")
-    with _distributed(device) as info:
-        eval_set = _load_set(dataset, split, data_root)
-        loaded = _load_model(model or DEFAULT_FILTER, tokenizer, image_size, info.device)
-        t0 = time.perf_counter()
-        with _progress(info.is_main) as report:
-            metrics = evaluate_retrieval(
-                eval_set,
-                loaded.model,
-                loaded.tokenizer,
-                k,
-                image_batch_size=min(32, batch_size),
-                text_batch_size=min(256, batch_size),
-                pairs_per_batch=batch_size,
-                num_workers=_workers(num_workers, info.device),
-                progress=report,
-            )
-        result = {
-            **metrics,
-            "model": loaded.source,
-            "dataset": eval_set.name,
-            "settings": {
-                "k": k,
-                "split": split,
-                "batch_size": batch_size,
-                "image_size": loaded.model.config.vision.image_size,
-                "world_size": info.world_size,
-                "device": str(info.device),
-            },
-            "stats": {
-                "num_images": len(eval_set.img2txt),
-                "num_texts": len(eval_set.txt2img),
-                "seconds": round(time.perf_counter() - t0, 2),
-            },
-        }
-        if info.is_main:
-            _retrieval_table(result, METRIC_KEYS)
-            _emit(result, _out_file(out, "eval-retrieval.json"), json_out)
-        return result
+    with _Display(is_rank0()) as show:
+        result = retrieval.run(
+            dataset,
+            model,
+            k=k,
+            split=split,
+            data_root=data_root,
+            batch_size=batch_size,
+            tokenizer=tokenizer,
+            image_size=image_size,
+            device=device,
+            num_workers=num_workers,
+            progress=show.report,
+            on_stage=show.stage,
+        )
+    if is_rank0():
+        _retrieval_table(result, retrieval.METRIC_KEYS)
+        _emit(result, _out_file(out, "eval-retrieval.json"), json_out)
+    return result
 
 
 def _retrieval_table(r: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -190,86 +164,39 @@ def eval_caption(
       blipctl eval-caption coco --model model_base_caption_capfilt_large.pth --data-root /data --out cap.json
       blipctl eval-caption --results results.json --annotations coco_karpathy_test_gt.json
     """
-    from blip.checkpoint import DEFAULT_CAPTIONER
-    from blip.eval.caption import evaluate_caption, score_captions
-
-    notes: list[str] = []
+    from blip.eval import caption
 
     def warn(msg: str) -> None:
-        notes.append(msg)
         err.print(f"[yellow]warning:[/] {msg}", highlight=False)
 
-    settings = {"split": split, "meteor": meteor, "spice": spice}
-    if results is not None:
-        gt = _read_json(annotations, "--annotations") if annotations else None
-        if gt is None:
-            if dataset is None:
-                raise _input_error("--results needs --annotations GT.json (or a DATASET whose ground truth to use)")
-            gt = _load_set(dataset, split, data_root).gt
-        res = _read_json(results, "--results")
-        if not isinstance(res, list) or not all(isinstance(r, dict) and {"image_id", "caption"} <= set(r) for r in res):
-            raise _input_error(f'{results}: expected COCO results [{{"image_id": ..., "caption": ...}}, ...]')
-        metrics = score_captions(res, gt, meteor=meteor, spice=spice, warn=warn)
-        result = {
-            **metrics,
-            "model": None,
-            "dataset": str(annotations) if annotations else dataset,
-            "settings": {**settings, "results": str(results)},
-            "stats": {"num_images": len({r["image_id"] for r in res})},
-            "notes": notes,
-        }
+    with _Display(is_rank0() and results is None) as show:
+        result = caption.run(
+            dataset,
+            model,
+            split=split,
+            data_root=data_root,
+            num_beams=num_beams,
+            max_length=max_length,
+            min_length=min_length,
+            prompt=prompt,
+            batch_size=batch_size,
+            results_out=results_out,
+            results=results,
+            annotations=annotations,
+            meteor=meteor,
+            spice=spice,
+            tokenizer=tokenizer,
+            image_size=image_size,
+            device=device,
+            num_workers=num_workers,
+            progress=show.report,
+            warn=warn,
+            on_stage=show.stage,
+        )
+    if is_rank0() or results is not None:
         _caption_table(result)
         _emit(result, _out_file(out, "eval-caption.json"), json_out)
-        return result
-
-    if dataset is None:
-        raise _input_error("give a DATASET to caption, or --results RESULTS.json --annotations GT.json to score")
-    if batch_size < 1:
-        raise _input_error(f"--batch-size must be at least 1, got {batch_size}")
-    with _distributed(device) as info:
-        eval_set = _load_set(dataset, split, data_root)
-        loaded = _load_model(model or DEFAULT_CAPTIONER, tokenizer, image_size, info.device)
-        t0 = time.perf_counter()
-        with _progress(info.is_main) as report:
-            metrics, captions = evaluate_caption(
-                eval_set,
-                loaded.model,
-                loaded.tokenizer,
-                prompt=prompt,
-                num_beams=num_beams,
-                max_length=max_length,
-                min_length=min_length,
-                batch_size=batch_size,
-                num_workers=_workers(num_workers, info.device),
-                meteor=meteor,
-                spice=spice,
-                progress=report,
-                warn=warn if info.is_main else None,
-            )
-        result = {
-            **metrics,
-            "model": loaded.source,
-            "dataset": eval_set.name,
-            "settings": {
-                **settings,
-                "num_beams": num_beams,
-                "max_length": max_length,
-                "min_length": min_length,
-                "prompt": prompt,
-                "batch_size": batch_size,
-                "image_size": loaded.model.config.vision.image_size,
-                "world_size": info.world_size,
-                "device": str(info.device),
-            },
-            "stats": {"num_images": len(captions), "seconds": round(time.perf_counter() - t0, 2)},
-            "notes": notes,
-        }
-        if info.is_main:
-            if results_out:
-                write_json_atomic(Path(results_out), captions)
-            _caption_table(result)
-            _emit(result, _out_file(out, "eval-caption.json"), json_out)
-        return result
+    return result
 
 
 CAPTION_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -290,89 +217,50 @@ def _caption_table(r: dict[str, Any]) -> None:
 
 
 # ---- shared ------------------------------------------------------------------------------------------------------
-def _input_error(msg: str) -> Exception:
-    from blip.errors import InputError
+class _Display:
+    """A spinner while loading, then one rich bar per stage with throughput (rank 0 only)."""
 
-    return InputError(msg)
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.status: Any = None
+        self.bar: Any = None
+        self.tasks: dict[str, tuple[Any, float]] = {}
 
+    def __enter__(self) -> _Display:
+        return self
 
-@contextlib.contextmanager
-def _distributed(device: str) -> Iterator[Any]:
-    """Join torchrun's process group when there is one (and leave it afterwards if we created it)."""
-    import torch
-    import torch.distributed as dist
+    def __exit__(self, *_: Any) -> None:
+        self._stop_status()
+        if self.bar is not None:
+            self.bar.stop()
 
-    from blip.distributed import barrier, cleanup, init_distributed
+    def _stop_status(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
 
-    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        from blip.distributed import DistInfo
+    def stage(self, msg: str) -> None:
+        if self.enabled:
+            self._stop_status()
+            self.status = err.status(msg)
+            self.status.start()
 
-        torch.cuda.set_device(torch.device(device))
-        yield DistInfo(device=torch.device(device))
-        return
-    if device not in ("auto", "cpu", "cuda"):
-        raise _input_error(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
-    existed = dist.is_available() and dist.is_initialized()
-    info = init_distributed(device)
-    try:
-        yield info
-        barrier(info)  # reached only without an error: every rank done before any leaves the group
-    finally:
-        if not existed:
-            cleanup(info)
-
-
-def _load_set(dataset: str, split: str, data_root: str | None):
-    from blip.data.datasets import load_eval_set
-
-    with err.status(f"loading {dataset} ({split})"):
-        return load_eval_set(dataset, split=split, data_root=data_root)
-
-
-def _load_model(source: str, tokenizer: str | None, image_size: int | None, device):
-    from blip.checkpoint import load_model
-
-    with err.status(f"loading {source}"):
-        return load_model(source, tokenizer=tokenizer, image_size=image_size, device=device)
-
-
-def _workers(n: int | None, device) -> int:
-    if n is not None:
-        return n
-    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Any]:
-    """A `progress(stage, advance, total)` callback drawing one rich bar per stage, with throughput."""
-    if not enabled:
-        yield None
-        return
-    bar = progress_bar()
-    tasks: dict[str, tuple[Any, float]] = {}
-
-    def report(stage: str, advance: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = (bar.add_task(stage, total=total, rate=""), time.perf_counter())
-        task, t0 = tasks[stage]
-        bar.advance(task, advance)
-        done = bar.tasks[task].completed
+    def report(self, stage: str, advance: int, total: int) -> None:
+        """The `progress(stage, advance, total)` callback of blip.eval."""
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self._stop_status()
+            self.bar = progress_bar()
+            self.bar.start()
+        if stage not in self.tasks:
+            self.tasks[stage] = (self.bar.add_task(stage, total=total, rate=""), time.perf_counter())
+        task, t0 = self.tasks[stage]
+        self.bar.advance(task, advance)
+        done = self.bar.tasks[task].completed
         dt = time.perf_counter() - t0
         rate = f"{done / dt:,.1f} {UNITS.get(stage, 'it')}/s" if dt > 0 else ""
-        bar.update(task, rate=rate)
-
-    with bar:
-        yield report
-
-
-def _read_json(path: str, flag: str) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise _input_error(f"{flag}: file not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _input_error(f"{flag}: {path} is not valid JSON ({e})") from None
+        self.bar.update(task, rate=rate)
 
 
 def _out_file(out: str | None, name: str) -> Path | None:

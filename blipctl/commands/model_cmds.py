@@ -10,8 +10,6 @@ import typer
 
 from blipctl._common import err, guarded, print_json_line
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
 ModelOpt = Annotated[
     str | None,
     typer.Option(
@@ -28,127 +26,14 @@ ImageSizeOpt = Annotated[
 ]
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _load(model: str, tokenizer: str | None, image_size: int | None, device: str):
-    from blip.checkpoint import load_model
+    from blip import load
 
     with err.status(f"loading {model}"):
-        return load_model(model, tokenizer=tokenizer, image_size=image_size, device=resolve_device(device))
-
-
-# ---- inputs ------------------------------------------------------------------------------------------------------
-def iter_inputs(inputs: list[str], stats=None):
-    """Yield (name, PIL RGB image) for image files, directories of images, and webdataset shards."""
-    from PIL import Image
-
-    from blip.data.shards import SampleStats, expand_shards, iter_shard
-    from blip.data.transforms import to_rgb
-    from blip.errors import InputError
-
-    stats = stats if stats is not None else SampleStats()
-    for item in inputs:
-        p = Path(item)
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-            try:
-                with Image.open(p) as im:
-                    im.load()  # decode now: the file closes when this block ends
-                    rgb = to_rgb(im)
-            except Exception as e:  # noqa: BLE001
-                raise InputError(f"cannot read image {p}: {e}") from None
-            yield str(p), rgb
-        elif p.is_dir() and not any(p.glob("*.tar")):
-            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
-            if not files:
-                raise InputError(f"{p}: no images ({', '.join(sorted(IMAGE_EXTS))}) and no .tar shards")
-            yield from iter_inputs([str(f) for f in files], stats)
-        else:
-            for shard in expand_shards(item):
-                for s in iter_shard(shard, stats):
-                    yield f"{Path(shard).name}/{s['key']}", s["image"]
-
-
-def _batches(it, n: int):
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        return load(model, device=device, tokenizer=tokenizer, image_size=image_size)
 
 
 # ---- caption -----------------------------------------------------------------------------------------------------
-def caption_images(
-    inputs: list[str],
-    model: str,
-    *,
-    num_beams: int = 3,
-    sample: bool = False,
-    top_p: float = 0.9,
-    max_length: int = 20,
-    min_length: int = 5,
-    prompt: str = "a picture of ",
-    num_captions: int = 1,
-    repetition_penalty: float | None = None,
-    batch_size: int = 8,
-    tokenizer: str | None = None,
-    image_size: int | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    on_result=None,
-):
-    """Caption every input image; calls `on_result(name, caption)` per caption and returns the list of results."""
-    import torch
-
-    from blip.data.transforms import eval_transform
-    from blip.errors import InputError
-    from blip.generation import GenerationConfig, generate
-
-    if num_captions < 1:
-        raise InputError("--num-captions must be at least 1")
-    if not sample and num_captions > num_beams:
-        raise InputError(f"--num-captions {num_captions} needs --num-beams >= {num_captions} (or use --sample)")
-    loaded = _load(model, tokenizer, image_size, device)
-    m, tok = loaded.model, loaded.tokenizer
-    if not m.config.text_decoder:
-        raise InputError(f"{model} has no text decoder: it is a retrieval/filter model, not a captioner")
-    dev = next(m.parameters()).device
-    tf = eval_transform(m.config.vision.image_size)
-    prompt_ids = tok.encode_prompt(prompt)
-    if max_length <= len(prompt_ids):
-        raise InputError(f"--max-length {max_length} must exceed the prompt length ({len(prompt_ids)} tokens)")
-    gcfg = GenerationConfig(
-        num_beams=1 if sample else num_beams,
-        max_length=max_length,
-        min_length=min_length,
-        do_sample=sample,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty if repetition_penalty is not None else (1.1 if sample else 1.0),
-        num_return_sequences=num_captions,
-    )
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    results = []
-    for batch in _batches(iter_inputs(inputs), batch_size):
-        px = torch.stack([tf(im) for _, im in batch]).to(dev)
-        with torch.inference_mode():
-            out = generate(m, m.encode_image(px), prompt_ids, gcfg, generator=gen)
-        for (name, _), caps in zip(batch, out, strict=True):
-            for ids in caps:
-                text = tok.decode(ids)
-                results.append({"image": name, "caption": text})
-                if on_result:
-                    on_result(name, text)
-    return results
-
-
 def caption(
     inputs: Annotated[list[str], typer.Argument(help="Image files, directories of images, or webdataset shards.")],
     model: ModelOpt = None,
@@ -176,6 +61,7 @@ def caption(
       blipctl caption photos/ --model runs/captioner --sample --num-captions 3 --json
       blipctl caption 'shards/{00000..00009}.tar' --model model_base_caption_capfilt_large.pth
     """
+    from blip.api import caption_images
     from blip.checkpoint import DEFAULT_CAPTIONER
 
     t0 = time.perf_counter()
@@ -209,40 +95,6 @@ def caption(
 
 
 # ---- score -------------------------------------------------------------------------------------------------------
-def score_texts(
-    image: str,
-    texts: list[str],
-    model: str,
-    tokenizer: str | None = None,
-    image_size: int | None = None,
-    device: str = "auto",
-    max_length: int = 35,
-) -> list[dict]:
-    """ITM match probability and ITC cosine of one image against each text."""
-    import torch
-
-    from blip.data.transforms import eval_transform
-    from blip.errors import InputError
-
-    if not texts:
-        raise InputError("give at least one --text")
-    loaded = _load(model, tokenizer, image_size, device)
-    m, tok = loaded.model, loaded.tokenizer
-    if not m.config.text_encoder:
-        raise InputError(f"{model} has no text encoder: it is a captioner, not a retrieval/filter model")
-    ((_, im),) = list(iter_inputs([image]))
-    dev = next(m.parameters()).device
-    px = eval_transform(m.config.vision.image_size)(im)[None].to(dev)
-    ids, mask = tok(texts, max_length=max_length)
-    ids, mask = ids.to(dev), mask.to(dev)
-    with torch.inference_mode():
-        emb = m.encode_image(px)  # (1, 1+N, D)
-        kv = m.text_encoder.image_kv(emb)
-        itm = m.itm_logits(ids, mask, image_kv=kv, rows_per_kv=len(texts)).softmax(-1)[:, 1]
-        itc = (m.text_features(ids, mask) @ m.image_features(emb).T)[:, 0]
-    return [{"text": t, "itm": float(a), "itc": float(b)} for t, a, b in zip(texts, itm, itc, strict=True)]
-
-
 def score(
     image: Annotated[str, typer.Option("--image", help="An image file.")],
     text: Annotated[list[str], typer.Option("--text", help="A text to score; repeat for several.")],
@@ -259,8 +111,12 @@ def score(
     """
     from rich.table import Table
 
+    from blip.api import score_texts
     from blip.checkpoint import DEFAULT_FILTER
+    from blip.errors import InputError
 
+    if not text:
+        raise InputError("give at least one --text")
     rows = score_texts(image, text, model or DEFAULT_FILTER, tokenizer, image_size, device)
     if json_out:
         for r in rows:
@@ -301,13 +157,13 @@ def export(
 
     loaded = _load(model, tokenizer, None, "cpu")
     if fmt == "hf":
-        path, arch = export_hf(loaded.model, loaded.tokenizer, out, task=task)
+        path, arch = export_hf(loaded.net, loaded.tokenizer, out, task=task)
         err.print(f"wrote {arch} to {path}")
     elif fmt == "pth":
-        save_pth(loaded.model, out)
+        save_pth(loaded.net, out)
         err.print(f"wrote original-format checkpoint {out}")
     elif fmt == "blipctl":
-        save_checkpoint(loaded.model, loaded.tokenizer, out)
+        save_checkpoint(loaded.net, loaded.tokenizer, out)
         err.print(f"wrote blipctl checkpoint {out}")
     else:
         raise InputError(f"--format must be hf, pth or blipctl, not {fmt!r}")
