@@ -59,7 +59,7 @@ class CapfiltConfig:
 
     def __post_init__(self) -> None:
         if self.num_captions < 0:
-            raise InputError(f"--num-captions must be 0 or more, got {self.num_captions}")
+            raise InputError(f"num_captions must be 0 or more, got {self.num_captions}", param="num_captions")
 
 
 @dataclass
@@ -82,7 +82,7 @@ class ShardStats:
 def assign_shards(shards: list[str], shard_index: int, num_shards: int, rank: int, world: int) -> list[str]:
     """This process's input shards: job `shard_index` of `num_shards`, then rank `rank` of `world` within it."""
     if not 0 <= shard_index < num_shards:
-        raise InputError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
+        raise InputError(f"shard_index must be in [0, {num_shards}), got {shard_index}", param="shard_index")
     stems = [Path(s).name for s in shards]
     dup = [s for s, n in Counter(stems).items() if n > 1]
     if dup:
@@ -117,11 +117,11 @@ class Bootstrapper:
         from blip.data.transforms import eval_transform
 
         if cfg.num_captions and (captioner is None or cap_tok is None):
-            raise InputError("--num-captions > 0 needs a --captioner")
+            raise InputError("num_captions > 0 needs a captioner", param=("num_captions", "captioner"))
         if captioner is not None and not captioner.config.text_decoder:
-            raise InputError("--captioner has no text decoder: pass a captioning model")
+            raise InputError("captioner has no text decoder: pass a captioning model", param="captioner")
         if not filt.config.text_encoder:
-            raise InputError("--filter has no text encoder: pass a retrieval/ITM model")
+            raise InputError("filter has no text encoder: pass a retrieval/ITM model", param="filter")
         self.cap, self.cap_tok, self.filt, self.filt_tok, self.cfg = captioner, cap_tok, filt, filt_tok, cfg
         self.filt_tf = eval_transform(filt.config.vision.image_size)
         if captioner is not None and cap_tok is not None:
@@ -138,7 +138,10 @@ class Bootstrapper:
             num_return_sequences=cfg.num_captions,
         )
         if not sample and cfg.num_captions > cfg.num_beams:
-            raise InputError(f"--num-captions {cfg.num_captions} needs --num-beams >= {cfg.num_captions}")
+            raise InputError(
+                f"num_captions {cfg.num_captions} needs num_beams >= {cfg.num_captions}",
+                param=("num_captions", "num_beams"),
+            )
 
     @property
     def device(self) -> torch.device:
@@ -334,7 +337,7 @@ def run(
     and {} on other ranks.
 
     `captioner` / `filter`: a model source (blipctl dir, HF dir or hub id, .pth; default the released BLIP
-    models) or a loaded `blip.checkpoint.Loaded`. Under torchrun the ranks split the shards; `shard_index` of
+    models) or a loaded model (`blip.load(...)`). Under torchrun the ranks split the shards; `shard_index` of
     `num_shards` splits them between independent jobs. Finished shards (output and stats present) are skipped.
     """
     from blip.checkpoint import DEFAULT_CAPTIONER, DEFAULT_FILTER, Loaded, load_model
@@ -356,8 +359,8 @@ def run(
         filt_src = filter or DEFAULT_FILTER
         settings = {
             **cfg.__dict__,
-            "captioner": cap_src.source if isinstance(cap_src, Loaded) else cap_src,
-            "filter": filt_src.source if isinstance(filt_src, Loaded) else filt_src,
+            "captioner": getattr(cap_src, "source", cap_src),
+            "filter": getattr(filt_src, "source", filt_src),
             "inputs": inputs,
         }
         prog = CapfiltProgress(len(shards), len(mine), len(mine) - len(todo), rank=rank, world_size=world)
@@ -366,7 +369,11 @@ def run(
         if todo:
 
             def load(src: Any) -> Loaded:
-                return src if isinstance(src, Loaded) else load_model(src, device=dev)
+                if isinstance(src, Loaded):
+                    return src
+                if hasattr(src, "net") and hasattr(src, "tokenizer"):  # a blip.Model
+                    return Loaded(src.net, src.tokenizer, src.source, src.kind)
+                return load_model(src, device=dev)
 
             c = load(cap_src) if cfg.num_captions > 0 else None  # 0: filter web captions only
             f = load(filt_src)
