@@ -17,10 +17,13 @@ Shapes: B local batch, W world size, L text length, N image tokens (+1 for [CLS]
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from blip import distributed as D
+from blip.errors import InputError
 from blip.losses import IGNORE, itc_loss, itm_loss, lm_labels, positive_mask, same_text, sample_hard_negatives
 from blip.model.blip import BLIP, with_first_token
 from blip.model.med import KV
@@ -29,19 +32,13 @@ from blip.model.momentum import Momentum
 Batch = dict[str, torch.Tensor]
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _global_mean(mean: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """A rank's mean over its `count` items -> its share of the mean over the global batch's items.
 
     DDP averages the ranks' gradients, so each rank returns sum / global_count * W; under torchrun the loss then
     does not depend on how items (tokens, valid ITM rows) fall on the ranks. One process: `mean` unchanged.
     """
-    _, world = _rank_world()
+    _, world = D.rank_and_world()
     if world == 1:
         return mean
     total = D.all_reduce_sum(count.float())
@@ -49,13 +46,57 @@ def _global_mean(mean: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 class _Task(nn.Module):
-    """Shared pieces; each task's forward reads top to bottom."""
+    """Shared pieces; each task's forward reads top to bottom.
+
+    Besides its losses a task owns what the training loop must not branch on: the model layout it trains
+    (`layout`), whether it needs momentum encoders, how a loader batch becomes its batch (`prepare`), and the
+    loss weights DDP must know about (`ddp_loss_weights`: a zero weight leaves parameters unused).
+    """
+
+    name = ""
+    """The task's name in configs (`task`)."""
+    command = ""
+    """The CLI command that runs it."""
+    layout = (True, True)
+    """(text encoder, text decoder) of the model it trains and saves."""
 
     def __init__(self, model: BLIP, weights: dict[str, float], seed: int = 0):
         super().__init__()
         self.model = model
         self.weights = weights
         self.seed = seed
+
+    @classmethod
+    def needs_momentum(cls, loss: Any) -> bool:
+        """Only ITC uses the momentum encoders and queues."""
+        return loss.itc > 0
+
+    @classmethod
+    def ddp_loss_weights(cls, loss: Any) -> tuple[float, ...]:
+        return (loss.itc, loss.itm, loss.lm)
+
+    @classmethod
+    def check_init(cls, src: Any, where: str) -> None:
+        """`src` (a BlipConfig) can start this task."""
+
+    def ids(self, raw: dict[str, Any], micro_step: int, rank: int, world: int) -> torch.Tensor:
+        """ITC ids, unique per pair across ranks and steps: only the pair itself is a positive."""
+        B = raw["image"].shape[0]
+        gb = B * world
+        return micro_step * gb + rank * B + torch.arange(B)
+
+    def prepare(
+        self, raw: dict[str, Any], tok: Any, data: Any, device: torch.device, micro_step: int, rank: int, world: int
+    ) -> Batch:
+        """Loader batch -> task batch: tokenise (`data.text_length`, `data.padding`), move to the device, ids."""
+        ids, mask = tok(raw["caption"], max_length=data.text_length, padding=data.padding)
+        idx = self.ids(raw, micro_step, rank, world)
+        return {
+            "image": raw["image"].to(device, non_blocking=True),
+            "input_ids": ids.to(device, non_blocking=True),
+            "attention_mask": mask.to(device, non_blocking=True),
+            "idx": idx.to(device, non_blocking=True),
+        }
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights.get(k.removesuffix("_loss"), 1.0) * v for k, v in parts.items() if k.endswith("_loss"))
@@ -113,7 +154,7 @@ class _ContrastiveMatching(_Task):
         update_momentum: bool,
     ) -> dict[str, torch.Tensor]:
         m = self.model
-        rank, world = _rank_world()
+        rank, world = D.rank_and_world()
         B = ids.shape[0]
         out: dict[str, torch.Tensor] = {}
         use_itc = self.weights.get("itc", 1.0) > 0
@@ -204,6 +245,14 @@ class _ContrastiveMatching(_Task):
 class PretrainTask(_ContrastiveMatching):
     """ITC + ITM + LM on noisy web pairs. Batch: image, input_ids, attention_mask, idx (unique per sample)."""
 
+    name, command, layout = "pretrain", "pretrain", (True, True)
+
+    @classmethod
+    def from_config(cls, model: BLIP, momentum: Momentum | None, cfg: Any, tok: Any) -> PretrainTask:
+        c = cfg.loss
+        weights = {"itc": c.itc, "itm": c.itm, "lm": c.lm}
+        return cls(model, momentum, weights, c.negatives_all_ranks, c.label_smoothing, cfg.train.seed, c.hard_negatives)
+
     def __init__(
         self,
         model: BLIP,
@@ -239,6 +288,26 @@ class FilterTask(_ContrastiveMatching):
     """ITC + ITM fine-tune (the CapFilt filter). Batch: image, input_ids, attention_mask, idx (image ids), so
     every caption of the same image is an ITC positive and never an ITM negative."""
 
+    name, command, layout = "filter", "finetune-filter", (True, False)
+
+    @classmethod
+    def from_config(cls, model: BLIP, momentum: Momentum | None, cfg: Any, tok: Any) -> FilterTask:
+        c = cfg.loss
+        weights = {"itc": c.itc, "itm": c.itm, "lm": c.lm}
+        return cls(model, momentum, weights, c.negatives_all_ranks, cfg.train.seed, c.hard_negatives)
+
+    @classmethod
+    def ddp_loss_weights(cls, loss: Any) -> tuple[float, ...]:
+        return (loss.itc, loss.itm)
+
+    @classmethod
+    def check_init(cls, src: Any, where: str) -> None:
+        if not src.text_encoder:
+            raise InputError(f"model.init {where}: the filter needs a model with a text encoder", param="model.init")
+
+    def ids(self, raw: dict[str, Any], micro_step: int, rank: int, world: int) -> torch.Tensor:
+        return torch.as_tensor(raw["image_id"], dtype=torch.long)  # captions of one image are positives
+
     def __init__(
         self,
         model: BLIP,
@@ -267,6 +336,26 @@ class FilterTask(_ContrastiveMatching):
 class CaptionerTask(_Task):
     """LM fine-tune (the CapFilt captioner). Batch: image, input_ids, attention_mask of prompt + caption."""
 
+    name, command, layout = "captioner", "finetune-captioner", (False, True)
+
+    @classmethod
+    def from_config(cls, model: BLIP, momentum: Momentum | None, cfg: Any, tok: Any) -> CaptionerTask:
+        prompt_length = len(tok.encode_prompt(cfg.data.prompt)) if cfg.data.prompt else 0
+        return cls(model, prompt_length, cfg.loss.label_smoothing, cfg.train.seed)
+
+    @classmethod
+    def needs_momentum(cls, loss: Any) -> bool:
+        return False
+
+    @classmethod
+    def ddp_loss_weights(cls, loss: Any) -> tuple[float, ...]:
+        return (loss.lm,)
+
+    @classmethod
+    def check_init(cls, src: Any, where: str) -> None:
+        if not src.text_decoder:
+            raise InputError(f"model.init {where}: the captioner needs a model with a text decoder", param="model.init")
+
     def __init__(self, model: BLIP, prompt_length: int, label_smoothing: float = 0.1, seed: int = 0):
         if not model.config.text_decoder:
             raise ValueError("the captioner needs a model with a text decoder")
@@ -282,3 +371,7 @@ class CaptionerTask(_Task):
         out = {"lm_loss": self.lm(h, lm_labels(ids, mask, self.prompt_length), self.label_smoothing)}
         out["loss"] = self.total(out)
         return out
+
+
+TASKS: dict[str, type[_Task]] = {t.name: t for t in (PretrainTask, CaptionerTask, FilterTask)}
+"""Config `task` -> its class."""

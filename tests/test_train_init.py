@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-from test_train_support import synthetic_loader
-from tiny_models import tiny_tokenizer
+from helpers import synthetic_loader, tiny_tokenizer
 
 from blip.checkpoint import save_checkpoint
 from blip.config import model_config
@@ -156,11 +155,11 @@ def test_patch_size_for_fresh_models(tmp_path):
         build_config("pretrain", {**base, "model": {**base["model"], "patch_size": 12}})
     save_checkpoint(model, tok, tmp_path / "p8")
     ft = {**base, "model": {"init": str(tmp_path / "p8"), "image_size": 32, "patch_size": 16}}
-    with pytest.raises(InputError, match="model.patch_size: 16, but --init .*p8 has patches of 8"):
+    with pytest.raises(InputError, match="model.patch_size: 16, but model.init .*p8 has patches of 8"):
         Trainer(build_config("filter", ft), DistInfo(), None, synthetic_loader(8)).build_model(None)
 
 
 def test_finetunes_need_an_init(tmp_path):
     cfg = build_config("captioner", {"train": {"out": str(tmp_path)}, "data": {"train": ["x"]}})
-    with pytest.raises(InputError, match="--init"):
+    with pytest.raises(InputError, match="model.init"):
         Trainer(cfg, DistInfo(), None, None).build_model(None)

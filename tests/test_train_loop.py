@@ -7,8 +7,15 @@ import math
 
 import pytest
 import torch
-from test_train_support import config_dict, micro_config, micro_init, read_metrics, synthetic_loader, synthetic_pairs
-from tiny_models import tiny_tokenizer
+from helpers import (
+    config_dict,
+    micro_config,
+    micro_init,
+    read_metrics,
+    synthetic_loader,
+    synthetic_pairs,
+    tiny_tokenizer,
+)
 
 import blip.tasks as tasks_mod
 from blip.checkpoint import load_model
@@ -228,7 +235,7 @@ def test_an_existing_run_needs_resume(tmp_path, init_dir):
 
     out = tmp_path / "run"
     _run("captioner", init_dir, out, train={"max_steps": 2})
-    with pytest.raises(InputError, match="--resume auto"):
+    with pytest.raises(InputError, match="train.resume=auto"):
         _run("captioner", init_dir, out, train={"max_steps": 2})
     result, _ = _run("captioner", init_dir, out, train={"max_steps": 3, "resume": "auto"})
     assert result["step"] == 3

@@ -318,11 +318,26 @@ def _cli_run(task: str, data: list[str] | None, args: list[str] | None, **kw: An
         err.print(f"[green]done[/]: step {result['step']}  {losses}\nmodel: {result['final']}", highlight=False)
 
 
+CONFIG_FLAGS = {
+    "model.init": "--init",
+    "model.tokenizer": "--tokenizer",
+    "model.size": "--model-size",
+    "data.train": "--data",
+    "train.out": "--out",
+    "train.resume": "--resume",
+}
+"""Config keys the training commands also take as flags: library errors naming them are told with the flag."""
+
+
+def train_guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return guarded(fn, CONFIG_FLAGS)
+
+
 def register(app: typer.Typer) -> None:
     ctx = {"help_option_names": ["-h", "--help"]}
 
     @app.command("pretrain", epilog=_epilog("pretrain"), context_settings=ctx)
-    @guarded
+    @train_guarded
     def pretrain(
         data: DataOpt = None,
         out: OutOpt = None,
@@ -347,7 +362,7 @@ def register(app: typer.Typer) -> None:
         )  # fmt: skip
 
     @app.command("finetune-captioner", epilog=_epilog("captioner"), context_settings=ctx)
-    @guarded
+    @train_guarded
     def finetune_captioner(
         init: InitOpt = None,
         data: DataOpt = None,
@@ -365,7 +380,7 @@ def register(app: typer.Typer) -> None:
         _cli_run("captioner", data, overrides, out=out, init=init, resume=resume, tokenizer=tokenizer, config=config)
 
     @app.command("finetune-filter", epilog=_epilog("filter"), context_settings=ctx)
-    @guarded
+    @train_guarded
     def finetune_filter(
         init: InitOpt = None,
         data: DataOpt = None,

@@ -1,0 +1,84 @@
+"""Resuming never unpickles code: a train_state file whose pickle would call os.system is refused (InputError,
+CLI exit 2) and nothing runs (DESIGN §10; issue 18 item 1)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import config_dict, micro_init, synthetic_loader
+
+from blip.errors import InputError
+from blip.train import latest_checkpoint, train
+from blip.train_config import build_config
+
+
+class _RunsCode:
+    """Unpickling this calls os.system(<touch the marker>)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("safety")
+    init = micro_init(d / "micro")
+    out = d / "run"
+    cfg = build_config("captioner", config_dict("captioner", init, out, train={"max_steps": 1}))
+    train(cfg, loader_fn=synthetic_loader(8, prompt=cfg.data.prompt))
+    return init, out, latest_checkpoint(out)
+
+
+def _poison(ckpt: Path, name: str, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the checkpoint whose train_state/<name> is a code-running pickle; returns (copy, marker)."""
+    import shutil
+
+    bad = tmp_path / "bad" / ckpt.name
+    shutil.copytree(ckpt, bad)
+    marker = tmp_path / "pwned"
+    with open(bad / "train_state" / name, "wb") as f:
+        pickle.dump({"position": _RunsCode(marker)}, f)
+    return bad, marker
+
+
+@pytest.mark.parametrize("name", ["state.pt", "rng.pt"])
+def test_a_code_running_state_is_refused_and_nothing_runs(checkpoint, tmp_path, name):
+    init, _, ckpt = checkpoint
+    bad, marker = _poison(ckpt, name, tmp_path)
+    with pytest.raises(pickle.UnpicklingError):  # the real thing: this file is what torch.load would run
+        torch.load(bad / "train_state" / name, weights_only=True)
+    cfg = build_config("captioner", config_dict("captioner", init, tmp_path / "out", train={"resume": str(bad)}))
+    with pytest.raises(InputError, match=rf"train.resume: .*{name}.* not training state") as e:
+        train(cfg, loader_fn=synthetic_loader(8, prompt=cfg.data.prompt))
+    assert "--" not in str(e.value)  # the library names the config key, not a flag
+    assert not marker.exists()
+
+
+def test_the_cli_exits_2_and_runs_nothing(checkpoint, tmp_path):
+    init, _, ckpt = checkpoint
+    bad, marker = _poison(ckpt, "state.pt", tmp_path)
+    args = ["finetune-captioner", "--init", str(init), "--data", str(tmp_path / "none.tar"), "--out"]
+    args += [str(tmp_path / "out"), "--resume", str(bad), "train.device=cpu", "model.image_size=32"]
+    r = subprocess.run([sys.executable, "-m", "blipctl", *args], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "not training state" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
+
+
+def test_a_genuine_state_still_resumes(checkpoint, tmp_path):
+    import shutil
+
+    init, out, _ = checkpoint
+    out = shutil.copytree(out, tmp_path / "run")
+    cfg = build_config("captioner", config_dict("captioner", init, out, train={"max_steps": 2, "resume": "auto"}))
+    result = train(cfg, loader_fn=synthetic_loader(8, prompt=cfg.data.prompt))
+    assert result["step"] == 2
