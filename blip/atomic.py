@@ -15,6 +15,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _default_mode() -> int:
+    """What open() would give a new file (0o666 less the umask); mkstemp's own 0o600 would hide outputs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_MODE = _default_mode()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on a clean exit it replaces `path`, on an error it is removed."""
@@ -22,6 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _MODE)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from blip import capfilt_report as report
 from blip.atomic import write_text
 from blip.errors import InputError
 from blip.generation import GenerationConfig, generate
+from blip.inputs import batches
 from blip.model.blip import BLIP
 from blip.tokenizer import Tokenizer
 
@@ -181,17 +182,6 @@ def _is_human(sample: dict) -> bool:
     return bool(caps) and all(isinstance(c, dict) and c.get("source") == "human" for c in caps)
 
 
-def _batches(it: Iterator, n: int) -> Iterator[list]:
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def process_shard(
     shard: str, out_dir: Path, boot: Bootstrapper, on_images: Callable[[int], None] | None = None
 ) -> ShardStats:
@@ -208,7 +198,7 @@ def process_shard(
     out_samples = []
     decided = []  # (sample json, its captions) of every web sample, for the ground-truth checks
     examples = []  # (sample, captions or None for human data, kept captions) of the first few samples
-    for batch in _batches(iter_shard(shard, bad, strict=cfg.strict), cfg.batch_size):
+    for batch in batches(iter_shard(shard, bad, strict=cfg.strict), cfg.batch_size):
         st.images_in += len(batch)
         web = [s for s in batch if not _is_human(s)]
         decisions = {}

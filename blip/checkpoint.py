@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from blip.atomic import atomic_path
 from blip.config import BlipConfig, TextConfig, VisionConfig
 from blip.errors import InputError
 from blip.model.blip import BLIP
@@ -98,7 +99,7 @@ def _download(repo_id: str) -> str:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise InputError(
             f"cannot fetch {repo_id!r}: HF_HUB_OFFLINE is set. Download it where there is network "
-            f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the directory: --model DIR"
+            f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass DIR instead of the hub id"
         )
     try:
         from huggingface_hub import snapshot_download
@@ -109,7 +110,7 @@ def _download(repo_id: str) -> str:
     except Exception as e:  # noqa: BLE001 - any hub/network failure means the same thing to the user
         raise InputError(
             f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}). Without network, download "
-            f"it elsewhere (`huggingface-cli download {repo_id} --local-dir DIR`) and pass --model DIR"
+            f"it elsewhere (`huggingface-cli download {repo_id} --local-dir DIR`) and pass DIR instead of the hub id"
         ) from None
 
 
@@ -338,7 +339,8 @@ def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
     except Exception:  # noqa: BLE001
         raise InputError(
             f"{p} carries no tokenizer and bert-base-uncased could not be fetched (no network?). Pass "
-            f"--tokenizer DIR (a directory with vocab.txt or tokenizer.json), or put vocab.txt beside the .pth"
+            f"tokenizer (a directory with vocab.txt or tokenizer.json), or put vocab.txt beside the .pth",
+            param="tokenizer",
         ) from None
 
 
@@ -349,32 +351,37 @@ def save_pth(model: BLIP, path: str | os.PathLike) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---- Hugging Face ------------------------------------------------------------------------------------------------
-_HF_VISION = [
-    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"visual_encoder.blocks.\1.norm\2."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+HF_VISION_KEYS = [
+    # (native, Hugging Face) vision-tower names; "{n}" is a block number, "{i}" a norm index; a name ending in "."
+    # is a prefix, any other a whole key. Text towers and heads have the same names on both sides.
+    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.", "vision_model.embeddings.patch_embedding."),
+    ("visual_encoder.norm.", "vision_model.post_layernorm."),
+    ("visual_encoder.blocks.{n}.attn.qkv.", "vision_model.encoder.layers.{n}.self_attn.qkv."),
+    ("visual_encoder.blocks.{n}.attn.proj.", "vision_model.encoder.layers.{n}.self_attn.projection."),
+    ("visual_encoder.blocks.{n}.norm{i}.", "vision_model.encoder.layers.{n}.layer_norm{i}."),
+    ("visual_encoder.blocks.{n}.mlp.", "vision_model.encoder.layers.{n}.mlp."),
 ]
 
 
+def _key_rule(src: str, dst: str) -> tuple[str, str]:
+    """One HF_VISION_KEYS entry as (regex on `src`, replacement giving `dst`)."""
+    pattern = re.escape(src).replace(r"\{n\}", r"(\d+)").replace(r"\{i\}", r"(\d)")
+    return "^" + pattern + ("" if src.endswith(".") else "$"), dst.replace("{n}", r"\1").replace("{i}", r"\2")
+
+
+_HF_TO_NATIVE = [_key_rule(hf, native) for native, hf in HF_VISION_KEYS]
+_NATIVE_TO_HF = [_key_rule(native, hf) for native, hf in HF_VISION_KEYS]
+
+
 def hf_to_native_key(k: str) -> str | None:
-    for pat, rep in _HF_VISION:
+    for pat, rep in _HF_TO_NATIVE:
         if re.match(pat, k):
             return re.sub(pat, rep, k)
     if k.startswith(("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")):
@@ -383,17 +390,7 @@ def hf_to_native_key(k: str) -> str | None:
 
 
 def native_to_hf_key(k: str) -> str:
-    rules = [
-        (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-        (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-        (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-        (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
-        (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-        (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-        (r"^visual_encoder\.blocks\.(\d+)\.norm(\d)\.", r"vision_model.encoder.layers.\1.layer_norm\2."),
-        (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-    ]
-    for pat, rep in rules:
+    for pat, rep in _NATIVE_TO_HF:
         if re.match(pat, k):
             return re.sub(pat, rep, k)
     return k
@@ -489,11 +486,13 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
     if task == "auto":
         task = "caption" if c.text_decoder else "retrieval"
     if task == "caption" and not c.text_decoder:
-        raise InputError("--task caption needs a model with a text decoder (this one is a retrieval/filter model)")
+        raise InputError(
+            "task caption needs a model with a text decoder (this one is a retrieval/filter model)", param="task"
+        )
     if task == "retrieval" and not c.text_encoder:
-        raise InputError("--task retrieval needs a model with a text encoder (this one is a captioner)")
+        raise InputError("task retrieval needs a model with a text encoder (this one is a captioner)", param="task")
     if task not in ("caption", "retrieval"):
-        raise InputError(f"--task must be auto, caption or retrieval, not {task!r}")
+        raise InputError(f"task must be auto, caption or retrieval, not {task!r}", param="task")
     arch = "BlipForConditionalGeneration" if task == "caption" else "BlipForImageTextRetrieval"
     v, t = c.vision, c.text
     hf_cfg = HFBlipConfig(

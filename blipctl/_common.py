@@ -7,9 +7,7 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -109,18 +107,3 @@ def is_rank0() -> bool:
     """Rank 0 of a torchrun job, or a plain process; from the environment, so it works before (or without) a
     process group: the one process that prints, marks recipe steps done, or deletes outputs."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary sibling, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

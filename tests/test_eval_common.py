@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import hf_config, sharpen
+from helpers import hf_config, sharpen
 
 from blip.config import BlipConfig, TextConfig, VisionConfig
+from blip.distributed import my_batches
 from blip.eval.common import image_batches
-from blip.eval.distributed import my_batches
 from blip.model import BLIP
 from blip.tokenizer import Tokenizer
 
@@ -29,7 +29,7 @@ def tiny_tok() -> Tokenizer:
 
 
 def hf_retrieval_model(tok: Tokenizer, seed: int = 0, image_size: int = 32):
-    """A tiny random transformers BlipForImageTextRetrieval (tiny_models.hf_config), every matrix drawn at std 0.1."""
+    """A tiny random transformers BlipForImageTextRetrieval (helpers.hf_config), every matrix drawn at std 0.1."""
     from transformers import BlipForImageTextRetrieval
 
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import hf_model, make_images, tiny_tokenizer
+from helpers import hf_model, make_images, tiny_tokenizer
 from typer.testing import CliRunner
 
 from blip.checkpoint import load_model, save_checkpoint
@@ -216,7 +216,7 @@ def test_hub_id_offline_fails_fast_with_advice(images):
         timeout=60,
     )
     assert r.returncode == 2
-    assert "--model DIR" in r.stderr and "Traceback" not in r.stderr
+    assert "pass DIR instead of the hub id" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_missing_model_path_exit_2(images):
@@ -241,7 +241,7 @@ def micro_config(tok, **kw) -> BlipConfig:
 
 @pytest.fixture(scope="module")
 def native_ckpt(tmp_path_factory, tok):
-    from tiny_models import sharpen
+    from helpers import sharpen
 
     torch.manual_seed(0)
     m = BLIP(micro_config(tok))

@@ -45,3 +45,25 @@ def test_cli_has_every_designed_command():
     assert set(DESIGNED) <= set(group.commands), set(DESIGNED) - set(group.commands)
     for name, cmd in group.commands.items():
         assert cmd.help or getattr(cmd, "short_help", None), f"{name} has no help text"
+
+
+def test_cli_layer_imports_only_blip_typer_rich_and_the_standard_library():
+    """blipctl/ parses flags, makes one library call and prints: no torch (no model, batch or process group)."""
+    import ast
+    from pathlib import Path
+
+    import blipctl
+
+    allowed = {"blip", "blipctl", "typer", "rich", "click", "__future__"} | set(sys.stdlib_module_names)
+    files = sorted(Path(blipctl.__file__).parent.rglob("*.py"))
+    assert len(files) > 8
+    bad = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            bad += [f"{f.name}: {n}" for n in names if n.split(".")[0] not in allowed]
+    assert not bad, bad

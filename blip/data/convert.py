@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from blip.atomic import write_json
 from blip.data.images import BadSample, decode_image
 from blip.data.shards import SampleStats, ShardWriter
 from blip.data.text import pre_caption
@@ -54,13 +55,13 @@ def shards_from_json(
     images without a usable caption, are skipped and counted (InputError with strict=True)."""
     ann, root, out_dir = Path(annotations), Path(images), Path(out)
     if source not in SOURCES:
-        raise InputError(f"--source must be one of {', '.join(SOURCES)}, not {source!r}")
+        raise InputError(f"source must be one of {', '.join(SOURCES)}, not {source!r}", param="source")
     if maxcount < 1:
-        raise InputError(f"--maxcount must be at least 1, got {maxcount}")
+        raise InputError(f"maxcount must be at least 1, got {maxcount}", param="maxcount")
     if not ann.is_file():
         raise InputError(f"annotation file {ann} not found")
     if not root.is_dir():
-        raise InputError(f"--images {root} is not a directory")
+        raise InputError(f"images {root} is not a directory", param="images")
     try:
         records = json.loads(ann.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -120,7 +121,5 @@ def shards_from_json(
         "bad_samples": stats.as_dict(),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    tmp = out_dir / (SUMMARY + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, out_dir / SUMMARY)
+    write_json(out_dir / SUMMARY, summary, indent=1)
     return summary

@@ -44,16 +44,19 @@ _LAYOUT_HELP = (
 
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
-    """`--data-root`, else $BLIP_DATA, else an InputError that says how to point at the data."""
+    """`data_root`, else $BLIP_DATA, else an InputError that says how to point at the data."""
     root = data_root if data_root else os.environ.get("BLIP_DATA")
     if not root:
         raise InputError(
-            "no data root: pass --data-root DIR (or set BLIP_DATA=DIR) pointing at a directory with "
-            "annotations/coco_karpathy_test.json (or flickr30k_test.json) and the image folders"
+            "no data root: pass data_root DIR (or set BLIP_DATA=DIR) pointing at a directory with "
+            "annotations/coco_karpathy_test.json (or flickr30k_test.json) and the image folders",
+            param="data_root",
         )
     p = Path(root).expanduser()
     if not p.is_dir():
-        raise InputError(f"data root {p} is not a directory (from {'--data-root' if data_root else '$BLIP_DATA'})")
+        raise InputError(
+            f"data root {p} is not a directory (from {'data_root' if data_root else '$BLIP_DATA'})", param="data_root"
+        )
     return p
 
 
@@ -129,7 +132,7 @@ def _shard_list(dataset: str) -> list[str]:
 
 def _karpathy_file(root: Path, dataset: str, split: str) -> Path:
     if split not in SPLITS:
-        raise InputError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, not {split!r}", param="split")
     name = KARPATHY[dataset].format(split=split)
     ann = root / "annotations" / name
     if not ann.is_file():
@@ -192,7 +195,8 @@ def _from_records(name: str, records: list[dict], root: Path, gt_path: Path | No
     if missing:
         raise InputError(
             f"{name}: {len(missing)} of {len(paths)} images not found, e.g. {missing[0]} "
-            f"(image paths are relative to {root}; pass --data-root to change that)"
+            f"(image paths are relative to {root}; pass data_root to change that)",
+            param="data_root",
         )
     image_ids = [i for i in ids if i is not None]
     if len(set(image_ids)) != len(images):  # no usable unique ids: number the images
@@ -287,6 +291,7 @@ def _pairs(records: list[dict], root: Path, name: str) -> list[tuple[str, str, i
     first = out[0][0]
     if not os.path.isfile(first):
         raise InputError(
-            f"{name}: image {first} not found (image paths are relative to {root}; pass --data-root to change that)"
+            f"{name}: image {first} not found (image paths are relative to {root}; pass data_root to change that)",
+            param="data_root",
         )
     return out

@@ -33,6 +33,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from blip.atomic import write_bytes
 from blip.data.shards import write_shard
 from blip.errors import InputError
 
@@ -410,14 +411,8 @@ def _write_shard(path: str, split: str, fmt: str, seed: int, samples: list[dict]
         txt, meta = _sample_record(split, s)
         records.append({"__key__": s["key"], fmt: data, "txt": txt, "json": meta})
         if images_dir is not None:
-            _atomic_write(Path(images_dir) / f"{s['key']}.{fmt}", data)
+            write_bytes(Path(images_dir) / f"{s['key']}.{fmt}", data)
     return write_shard(path, records)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _clear_old(d: Path, split: str) -> None:
@@ -443,9 +438,9 @@ def make_demo(
     One process: an image takes about 0.25 ms to draw and encode, so the full world takes a few seconds and
     worker processes would cost more to start than they save."""
     if scale not in SCALES:
-        raise InputError(f"--scale must be one of {', '.join(SCALES)}, not {scale!r}")
+        raise InputError(f"scale must be one of {', '.join(SCALES)}, not {scale!r}", param="scale")
     if not 0.0 <= noise <= 1.0:
-        raise InputError(f"--noise must be between 0 and 1, got {noise}")
+        raise InputError(f"noise must be between 0 and 1, got {noise}", param="noise")
     t0 = time.perf_counter()
     root = Path(out)
     sizes = SCALES[scale]
@@ -479,12 +474,12 @@ def make_demo(
 
     test = plans["test"]
     ann = [{"image": f"images/{s['key']}.png", "caption": s["captions"], "image_id": s["image_id"]} for s in test]
-    _atomic_write(root / "test" / "test.json", (json.dumps(ann, indent=1) + "\n").encode())
+    write_bytes(root / "test" / "test.json", (json.dumps(ann, indent=1) + "\n").encode())
     from blip.data.datasets import build_gt
 
     gt = build_gt([s["image_id"] for s in test], [s["captions"] for s in test])
     gt["info"] = {"description": f"blipctl demo world, seed {seed}, scale {scale}"}
-    _atomic_write(root / "test" / "test_gt.json", (json.dumps(gt, indent=1) + "\n").encode())
+    write_bytes(root / "test" / "test_gt.json", (json.dumps(gt, indent=1) + "\n").encode())
 
     n_web = len(plans["web"])
     n_noisy = sum(quotas.values())
@@ -517,5 +512,5 @@ def make_demo(
             "backgrounds": list(BACKGROUNDS),
         },
     }
-    _atomic_write(root / "world.json", (json.dumps(world, indent=1) + "\n").encode())
+    write_bytes(root / "world.json", (json.dumps(world, indent=1) + "\n").encode())
     return {**world, "out": str(root), "seconds": round(time.perf_counter() - t0, 3)}

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blip.atomic import atomic_path
 from blip.data.images import BadSample, decode_image
 from blip.data.text import pre_caption
 from blip.errors import InputError
@@ -407,22 +408,14 @@ class ShardWriter:
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[Mapping[str, Any]]) -> int:
-    """Write every sample into one tar at `path`, atomically (`path.tmp`, then os.replace); returns the count.
+    """Write every sample into one tar at `path`, atomically (blip.atomic); returns the count.
 
     Deterministic bytes: members sorted per sample, mtime 0, fixed owner, json with sorted keys.
     """
-    path = os.fspath(path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = path + ".tmp"
     n = 0
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for sample in samples:
-                for name, data in encode_sample(sample):
-                    _add_member(tf, name, data)
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for sample in samples:
+            for name, data in encode_sample(sample):
+                _add_member(tf, name, data)
+            n += 1
     return n

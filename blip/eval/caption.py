@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from blip.distributed import all_gather, broadcast_from_main, my_batches, rank_and_world
 from blip.errors import InputError
 from blip.eval.common import (
     ImagesLike,
@@ -27,7 +28,6 @@ from blip.eval.common import (
     model_device,
     use_autocast,
 )
-from blip.eval.distributed import all_gather, broadcast_from_main, my_batches, rank_and_world
 from blip.model.blip import BLIP
 from blip.tokenizer import Tokenizer
 
@@ -63,7 +63,9 @@ def generate_captions(
         raise ValueError(f"{len(image_ids)} image ids for {len(images)} images")
     prompt_ids = tokenizer.encode_prompt(prompt)
     if max_length <= len(prompt_ids):
-        raise InputError(f"--max-length {max_length} must exceed the prompt length ({len(prompt_ids)} tokens)")
+        raise InputError(
+            f"max_length {max_length} must exceed the prompt length ({len(prompt_ids)} tokens)", param="max_length"
+        )
     cfg = GenerationConfig(num_beams=num_beams, max_length=max_length, min_length=min_length)
     dev = model_device(model)
     on = use_autocast(dev, autocast)

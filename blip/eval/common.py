@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from blip.eval.distributed import my_batches
+from blip.distributed import my_batches
 
 ProgressFn = Callable[[str, int, int], None]
 """`progress(stage, advance, total)`: `advance` more units of `stage` are done, out of this rank's `total`.
@@ -48,7 +48,7 @@ ImagesLike = torch.Tensor | Dataset
 def image_batches(
     images: ImagesLike, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0
 ) -> Iterator[tuple[range, torch.Tensor]]:
-    """Yield (indices, (B, 3, H, W) pixels) for this rank's batches (see blip.eval.distributed)."""
+    """Yield (indices, (B, 3, H, W) pixels) for this rank's batches (see blip.distributed)."""
     batches = my_batches(len(images), batch_size, rank, world)
     if isinstance(images, torch.Tensor):
         for r in batches:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from blip.distributed import broadcast_from_main, my_batches, rank_and_world, sum_
 from blip.errors import InputError
 from blip.eval.common import (
     ImagesLike,
@@ -32,7 +33,6 @@ from blip.eval.common import (
     model_device,
     use_autocast,
 )
-from blip.eval.distributed import broadcast_from_main, my_batches, rank_and_world, sum_
 from blip.model.blip import BLIP
 from blip.tokenizer import Tokenizer
 
@@ -122,7 +122,7 @@ def retrieval_scores(
     if not model.config.text_encoder:
         raise InputError("this model has no text encoder (ITC/ITM): it is a captioner, not a retrieval model")
     if k < 1:
-        raise InputError(f"--k must be at least 1, got {k}")
+        raise InputError(f"k must be at least 1, got {k}", param="k")
     dev = model_device(model)
     rank, world = rank_and_world()
     report = progress or (lambda stage, n, total: None)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from blip.atomic import write_json
 from blip.errors import InputError
 from blipctl._common import out as console
-from blipctl._common import write_json_atomic
 
 METRICS = [  # (row, results kind, key, display scale: recall is already in percent, caption scores x 100)
     ("TR@1", "retrieval", "txt_r1", 1.0),
@@ -82,5 +82,5 @@ def run_compare(
             )
             table.caption = f"{table.caption}; {line}" if table.caption else line
     console.print(table)
-    write_json_atomic(Path(out), result)
+    write_json(out, result, ensure_ascii=False)
     return result

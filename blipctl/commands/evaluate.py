@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
-from blipctl._common import err, guarded, is_rank0, print_json_line, write_json_atomic
+from blip.atomic import write_json
+from blipctl._common import err, guarded, is_rank0, print_json_line
 from blipctl._common import progress as progress_bar
 
 DatasetArg = Annotated[
@@ -273,7 +274,7 @@ def _out_file(out: str | None, name: str) -> Path | None:
 
 def _emit(result: dict[str, Any], out: Path | None, json_out: bool) -> None:
     if out:
-        write_json_atomic(out, result)
+        write_json(out, result, ensure_ascii=False)
         err.print(f"[dim]wrote {out}[/]")
     if json_out:
         print_json_line(result)
