@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from blipctl.commands import capfilt, evaluate, model_cmds, recipe, train
-from blipctl.commands import data as data_cmd
+from blipctl.registry import register_all
 
 app = typer.Typer(
     name="blipctl",
@@ -22,13 +21,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# the order here is the order in `blipctl --help`
-train.register(app)
-capfilt.register(app)
-evaluate.register(app)
-model_cmds.register(app)
-recipe.register(app)
-app.add_typer(data_cmd.app, name="data")
+register_all(app)  # blipctl/registry.py: the commands, in `blipctl --help` order
 
 
 def main() -> None:

@@ -5,9 +5,13 @@
     out = "runs/demo"                 # default parent of every step's `out`
     data = "/data/blip"               # optional: a data root, "${recipe.data}" in steps
 
+    [defaults.training]               # merged under the keys of every training step (the step's keys win)
+    batch_size = 48                   # `[defaults.<command>]` likewise for one command
+    data = { num_workers = 1 }
+
     [[step]]
     name = "data"                     # unique; later steps refer to its keys as "${data.out}"
-    command = "data demo"             # a blipctl command (see STEP_COMMANDS)
+    command = "data demo"             # a blipctl command (blipctl/registry.py STEPS)
     scale = "full"                    # the command's own options, by their Python names
 
 A step is done when its `out` carries a marker whose signature (the step's resolved options plus the
@@ -32,10 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blip.atomic import write_json
 from blip.config import check_type
 from blip.errors import InputError
-from blipctl._common import is_rank0, write_json_atomic
-from blipctl.overrides import parse_value
+from blipctl._common import is_rank0
+from blipctl.overrides import deep_merge, parse_value
+from blipctl.registry import STEPS, TRAINING
 
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_.-]+)\}")
 MARKER = ".blipctl-step.json"
@@ -61,21 +67,10 @@ class Recipe:
 
 
 def step_commands() -> dict[str, Callable[..., Any]]:
-    """Recipe command name -> in-process function (the same code the CLI subcommand runs)."""
-    from blipctl.commands import capfilt, data, evaluate, train
-    from blipctl.commands import compare as cmp
+    """Recipe command name -> in-process function (the same code the CLI subcommand runs; blipctl/registry.py)."""
+    from blipctl.registry import STEPS, step_function
 
-    return {
-        "data demo": data.run_demo,
-        "data from-json": data.run_from_json,
-        "pretrain": train.run_pretrain,
-        "finetune-captioner": train.run_finetune_captioner,
-        "finetune-filter": train.run_finetune_filter,
-        "capfilt": capfilt.run_capfilt,
-        "eval-retrieval": evaluate.eval_retrieval,
-        "eval-caption": evaluate.eval_caption,
-        "compare": cmp.run_compare,
-    }
+    return {name: step_function(name) for name in STEPS}
 
 
 def _deep_checks() -> dict[str, Callable[[dict[str, Any]], Any]]:
@@ -97,9 +92,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         doc = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{p}: invalid TOML: {e}") from None
-    unknown = set(doc) - {"recipe", "step"}
+    unknown = set(doc) - {"recipe", "defaults", "step"}
     if unknown:
-        raise InputError(f"{p}: unknown top-level key(s) {sorted(unknown)}; expected [recipe] and [[step]]")
+        raise InputError(f"{p}: unknown top-level key(s) {sorted(unknown)}; expected [recipe], [defaults] and [[step]]")
+    defaults = doc.get("defaults", {})
+    for group, table in defaults.items():
+        if group != "training" and group not in STEPS:
+            raise InputError(f"{p}: unknown key defaults.{group} (known: training, {', '.join(STEPS)})")
+        if not isinstance(table, dict):
+            raise InputError(f"{p}: defaults.{group} must be a table of step keys")
     meta = doc.get("recipe", {})
     for k in meta:
         if k not in RECIPE_KEYS:
@@ -115,6 +116,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             raise InputError(f"{p}: step #{i + 1} needs `name` and `command`")
         if any(st.name == name for st in steps):
             raise InputError(f"{p}: duplicate step name {name!r}")
+        base = deep_merge(defaults.get("training", {}) if command in TRAINING else {}, defaults.get(command, {}))
+        s = deep_merge(base, s)  # the step's own keys win over [defaults.<command>] over [defaults.training]
         steps.append(Step(name, command, s))
     for ov in overrides or []:
         _apply_override(p, meta, steps, ov)
@@ -245,7 +248,7 @@ def plan(recipe: Recipe) -> list[tuple[Step, bool]]:
     return out
 
 
-TRAIN_COMMANDS = ("pretrain", "finetune-captioner", "finetune-filter")
+TRAIN_COMMANDS = TRAINING
 
 
 def _prepare_rerun(st: Step, mk: Path) -> Step:
@@ -308,7 +311,7 @@ def run_recipe(
         result = call(run_st, fn) if call is not None else fn(**run_st.params)
         info = {"signature": sigs[st.name], "step": st.name, "command": st.command, "seconds": time.perf_counter() - t0}
         if is_rank0():  # under torchrun (`--only STEP`), rank 0 marks the step done
-            write_json_atomic(mk, info)
+            write_json(mk, info, ensure_ascii=False)
         results[st.name] = result
         if on_event:
             on_event("done", st, info)

@@ -190,6 +190,7 @@ def test_failed_step_stops_the_run_and_keeps_earlier_outputs(tmp_path):
             "train.max_steps",
         ),
         ('[recipe2]\nname = "x"\n', [], "recipe2"),
+        ("[defaults.pretrian]\nbatch_size = 4\n" + DATA, [], "defaults.pretrian"),
     ],
 )
 def test_bad_recipes_exit_2_naming_the_key(tmp_path, body, overrides, needle):
@@ -200,6 +201,22 @@ def test_bad_recipes_exit_2_naming_the_key(tmp_path, body, overrides, needle):
     r = runner.invoke(app, ["run", str(p), *overrides])
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert needle.split("'")[0].strip() in " ".join(r.output.split())
+
+
+def test_defaults_fill_steps_and_the_steps_own_keys_win(tmp_path):
+    body = (
+        "[defaults.training]\nbatch_size = 4\ndata = { num_workers = 1, hflip = false }\n"
+        '[defaults.pretrain]\nmodel_size = "tiny"\nbatch_size = 6\n' + DATA + "[[step]]\n"
+        'name = "pt"\ncommand = "pretrain"\ndata = { train = ["${data.out}/web"], hflip = true }\n'
+        '[[step]]\nname = "cap"\ncommand = "finetune-captioner"\ninit = "${pt.out}"\nbatch_size = 2\n'
+        'data = { train = ["${data.out}/human"] }\n'
+    )
+    by = {s.name: s for s in load_recipe(_write(tmp_path, body)).steps}
+    pt, cap = by["pt"], by["cap"]
+    assert (pt.params["batch_size"], pt.params["model_size"], cap.params["batch_size"]) == (6, "tiny", 2)
+    assert pt.params["data"] == {"train": [by["data"].out + "/web"], "num_workers": 1, "hflip": True}
+    assert cap.params["data"] == {"train": [by["data"].out + "/human"], "num_workers": 1, "hflip": False}
+    assert "batch_size" not in by["data"].params  # not a training step
 
 
 def test_missing_recipe_file(tmp_path):

@@ -131,3 +131,7 @@ def from_json(
         why = ", ".join(f"{v} {k}" for k, v in bad.items() if k not in ("good", "bad"))
         err.print(f"[yellow]skipped {bad['bad']} images: {why}[/]")
     err.print(f"[dim]{s['seconds']:.1f} s; summary {Path(out_dir) / 'from_json.json'}[/]")
+
+
+def register(parent: typer.Typer) -> None:
+    parent.add_typer(app, name="data")
