@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import hf_model, make_images, tiny_tokenizer
 from PIL import Image
-from tiny_models import hf_model, make_images, tiny_tokenizer
 
 import blip
 from blip.errors import InputError

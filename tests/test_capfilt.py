@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import sharpen, tiny_tokenizer
 from PIL import Image
-from tiny_models import sharpen, tiny_tokenizer
 from typer.testing import CliRunner
 
 from blip.checkpoint import save_checkpoint

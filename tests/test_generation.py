@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import sharpen, tiny_tokenizer
+from helpers import sharpen, tiny_tokenizer
 
 from blip.config import BlipConfig, TextConfig, VisionConfig
 from blip.generation import GenerationConfig, _nucleus, generate

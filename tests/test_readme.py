@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+from helpers import hf_model, tiny_tokenizer
 from PIL import Image
-from tiny_models import hf_model, tiny_tokenizer
 
 from blip.data.shards import write_shard
 

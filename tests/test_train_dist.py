@@ -1,6 +1,6 @@
 """torchrun with 2 CPU processes (gloo) against 1 process with the same global batch.
 
-What is comparable: both runs read exactly the same global batches (the worker in test_train_support.py
+What is comparable: both runs read exactly the same global batches (the worker in helpers.py
 slices each global batch by rank), the micro model has no dropout and the data no augmentation. With
 `negatives_all_ranks` every rank draws the hard negatives of the whole global batch from one shared
 per-step generator, ITC gathers the momentum features of all ranks, and the queue receives them in rank
@@ -19,12 +19,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_support import micro_init, read_metrics
+from helpers import micro_init, read_metrics
 
 from blip.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = str(ROOT / "tests" / "test_train_support.py")
+WORKER = str(ROOT / "tests" / "helpers.py")
 BIN = Path(sys.executable).parent
 LOSSES = ("itc_loss", "itm_loss", "lm_loss", "loss")
 
@@ -67,7 +67,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, pa
 FRESH_TOKENIZER_WORKER = """
 import json, sys
 sys.path.insert(0, sys.argv[3])
-from test_train_support import synthetic_loader
+from helpers import synthetic_loader
 from blip.distributed import barrier, cleanup, init_distributed
 from blip.train import Trainer
 from blip.train_config import build_config

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_support import micro_init, read_metrics
+from helpers import micro_init, read_metrics
 from typer.testing import CliRunner
 
 from blip.checkpoint import load_model
