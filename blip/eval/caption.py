@@ -356,12 +356,8 @@ def run(
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}", param="batch_size")
     with process_group(device) as info:
-        if on_stage:
-            on_stage(f"loading {dataset} ({split})")
-        eval_set = load_eval_set(dataset, split=split, data_root=data_root)
-        if on_stage:
-            on_stage(f"loading {model or DEFAULT_CAPTIONER}")
-        loaded = load_for_eval(model or DEFAULT_CAPTIONER, tokenizer, image_size, info.device)
+        src = model or DEFAULT_CAPTIONER
+        eval_set, loaded = load_for_eval(src, tokenizer, image_size, info.device, dataset, split, data_root, on_stage)
         t0 = time.perf_counter()
         metrics, captions = evaluate_caption(
             eval_set,

@@ -83,12 +83,28 @@ def default_workers(n: int | None, device: torch.device) -> int:
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
-def load_for_eval(source: Any, tokenizer: str | None, image_size: int | None, device: torch.device) -> Any:
-    """A blip.checkpoint.Loaded for `source` (a model source, a Loaded, or a blip.Model)."""
+def load_for_eval(
+    source: Any,
+    tokenizer: str | None,
+    image_size: int | None,
+    device: torch.device,
+    dataset: str,
+    split: str,
+    data_root: str | None,
+    on_stage: Callable[[str], None] | None = None,
+) -> tuple[Any, Any]:
+    """(the EvalSet, a blip.checkpoint.Loaded) for an evaluation; `source` is a model source, a Loaded, or a
+    blip.Model. `on_stage(message)` is told before each load (the CLI shows a spinner)."""
     from blip.checkpoint import Loaded, load_model
+    from blip.data.datasets import load_eval_set
 
+    if on_stage:
+        on_stage(f"loading {dataset} ({split})")
+    eval_set = load_eval_set(dataset, split=split, data_root=data_root)
+    if on_stage:
+        on_stage(f"loading {getattr(source, 'source', source)}")
     if isinstance(source, Loaded):
-        return source
+        return eval_set, source
     if hasattr(source, "net") and hasattr(source, "tokenizer"):  # a blip.Model
-        return Loaded(source.net, source.tokenizer, source.source, source.kind)
-    return load_model(source, tokenizer=tokenizer, image_size=image_size, device=device)
+        return eval_set, Loaded(source.net, source.tokenizer, source.source, source.kind)
+    return eval_set, load_model(source, tokenizer=tokenizer, image_size=image_size, device=device)

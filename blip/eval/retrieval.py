@@ -315,19 +315,14 @@ def run(
     import time
 
     from blip.checkpoint import DEFAULT_FILTER
-    from blip.data.datasets import load_eval_set
     from blip.distributed import process_group
     from blip.eval.common import default_workers, load_for_eval
 
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}", param="batch_size")
     with process_group(device) as info:
-        if on_stage:
-            on_stage(f"loading {dataset} ({split})")
-        eval_set = load_eval_set(dataset, split=split, data_root=data_root)
-        if on_stage:
-            on_stage(f"loading {model or DEFAULT_FILTER}")
-        loaded = load_for_eval(model or DEFAULT_FILTER, tokenizer, image_size, info.device)
+        src = model or DEFAULT_FILTER
+        eval_set, loaded = load_for_eval(src, tokenizer, image_size, info.device, dataset, split, data_root, on_stage)
         t0 = time.perf_counter()
         metrics = evaluate_retrieval(
             eval_set,
