@@ -190,6 +190,7 @@ def load_weights(model: BLIP, sd: dict[str, torch.Tensor], where: str, strict: b
     shape_bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if shape_bad:
         raise InputError(f"{where}: shape mismatch for {', '.join(shape_bad[:5])}")
+    _check_lm_head(model, sd, where)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # a tied tensor needs loading under only one of its names
     missing = [k for k in missing if not _loaded_through_alias(model, k, sd)]
@@ -198,6 +199,31 @@ def load_weights(model: BLIP, sd: dict[str, torch.Tensor], where: str, strict: b
         raise InputError(
             f"{where}: weights do not match the model (missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
             f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+
+
+LM_HEAD = "text_decoder.cls.predictions.decoder.weight"
+DEC_EMBED = "text_decoder.bert.embeddings.word_embeddings.weight"
+
+
+def lm_head_untied(sd: dict[str, torch.Tensor], embed_key: str = DEC_EMBED) -> bool:
+    """True when a state dict carries an LM head matrix that differs from the decoder's word embeddings."""
+    return LM_HEAD in sd and embed_key in sd and not _tensors_equal(sd, LM_HEAD, embed_key)
+
+
+def _check_lm_head(model: BLIP, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Never tie silently: a model whose head IS its word embeddings cannot take a checkpoint where they differ
+    (loading would keep whichever tensor came last). Loaders build such checkpoints with tie_lm_head=False."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    head = params.get(LM_HEAD)
+    if head is None or LM_HEAD not in sd:
+        return
+    aliases = [k for k, p in params.items() if p is head and k != LM_HEAD and k in sd]
+    if any(not _tensors_equal(sd, LM_HEAD, k) for k in aliases):
+        raise InputError(
+            f"{where}: the LM head ({LM_HEAD}) differs from the word embeddings ({aliases[0]}), but the model "
+            f"config ties them (tie_lm_head = true). Set tie_lm_head = false in the model config to load the "
+            f"head as it is; blipctl never ties an untied head silently"
         )
 
 
@@ -316,7 +342,13 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], heads: dict[str, int] | 
     )
     embed = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in sd else 256
     return BlipConfig(
-        vision=vision, text=text, embed_dim=embed, text_encoder=has_enc, text_decoder=has_dec, share_text=bool(shared)
+        vision=vision,
+        text=text,
+        embed_dim=embed,
+        text_encoder=has_enc,
+        text_decoder=has_dec,
+        share_text=bool(shared),
+        tie_lm_head=not (has_dec and lm_head_untied(sd)),
     )
 
 
@@ -342,10 +374,76 @@ def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
         ) from None
 
 
-def save_pth(model: BLIP, path: str | os.PathLike) -> None:
-    """Export in the original format: `{"model": state_dict}` with the original key names."""
-    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+PTH_TASKS = ("auto", "caption", "itm", "retrieval", "pretrain")
+ORIGINAL_QUEUE_SIZE = 57600
+"""queue_size of the original retrieval and pre-training configs: their loaders drop a queue of another shape."""
+
+
+def original_state_dict(
+    model: BLIP, task: str = "auto", queue_size: int = ORIGINAL_QUEUE_SIZE, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The model's weights under the full key list of the original code's model for `task`, so that its loaders
+    (which assert no missing keys, or load strictly when resuming pre-training) accept them:
+
+    - caption  = models.blip.BLIP_Decoder: visual_encoder, text_decoder
+    - itm      = models.blip_itm.BLIP_ITM: visual_encoder, text_encoder, vision_proj, text_proj, itm_head
+    - retrieval = models.blip_retrieval.BLIP_Retrieval: itm + temp, the momentum copies (*_m), image_queue,
+      text_queue (embed_dim, queue_size), idx_queue, ptr_queue
+    - pretrain = models.blip_pretrain.BLIP_Pretrain: retrieval's without idx_queue/ptr_queue, + queue_ptr and
+      the text_decoder
+    - auto: pretrain for a model with both text towers, caption for a captioner, retrieval for a filter
+
+    Besides the weights, the original lists buffers and aliases a blipctl model does not keep: every text
+    tower's `embeddings.position_ids` (0..max_positions-1), the LM head's `decoder.bias` (the same tensor as
+    `cls.predictions.bias`). The momentum copies are the online weights (the original's copy_params() at the
+    start of training); the queues are random unit vectors (seeded), as the original initialises them.
+    Returns (state dict, task).
+    """
+    c = model.config
+    if task == "auto":
+        task = "pretrain" if c.text_encoder and c.text_decoder else "caption" if c.text_decoder else "retrieval"
+    if task not in PTH_TASKS:
+        raise InputError(f"task must be one of {', '.join(PTH_TASKS)}, not {task!r}")
+    if task in ("caption", "pretrain") and not c.text_decoder:
+        raise InputError(f"task {task!r} needs a model with a text decoder (this one is a retrieval/filter model)")
+    if task != "caption" and not c.text_encoder:
+        raise InputError(f"task {task!r} needs a model with a text encoder (this one is a captioner)")
+    enc = ("visual_encoder.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
+    keep = {
+        "caption": ("visual_encoder.", "text_decoder."),
+        "itm": enc,
+        "retrieval": (*enc, "temp"),
+        "pretrain": (*enc, "temp", "text_decoder."),
+    }[task]
+    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if k.startswith(keep) and not v.is_meta}
+    sd.update({k: v for k, v in model.state_dict().items() if k.startswith(keep) and v.is_meta})  # shapes only
+    position_ids = torch.arange(c.text.max_positions).unsqueeze(0)  # (1, max_positions), the original's buffer
+    if "text_decoder." in keep:
+        sd["text_decoder.bert.embeddings.position_ids"] = position_ids
+        sd["text_decoder.cls.predictions.decoder.bias"] = sd["text_decoder.cls.predictions.bias"]
+    if "text_encoder." in keep:
+        sd["text_encoder.embeddings.position_ids"] = position_ids
+    if task in ("retrieval", "pretrain"):
+        for k in [k for k in sd if k.startswith(("visual_encoder.", "vision_proj.", "text_encoder.", "text_proj."))]:
+            head, rest = k.split(".", 1)
+            sd[f"{head}_m.{rest}"] = sd[k]
+        g = torch.Generator().manual_seed(seed)
+        for name in ("image_queue", "text_queue"):
+            sd[name] = torch.nn.functional.normalize(torch.randn(c.embed_dim, queue_size, generator=g), dim=0)
+        if task == "retrieval":
+            sd["idx_queue"] = torch.full((1, queue_size), -100, dtype=torch.long)
+            sd["ptr_queue"] = torch.zeros(1, dtype=torch.long)
+        else:
+            sd["queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    return sd, task
+
+
+def save_pth(model: BLIP, path: str | os.PathLike, task: str = "auto", queue_size: int = ORIGINAL_QUEUE_SIZE) -> str:
+    """Export in the original format, `{"model": state_dict}`, loadable by the original code's loaders for `task`
+    (see original_state_dict); blipctl's own config rides along under `blipctl_config`. Returns the task."""
+    sd, task = original_state_dict(model, task, queue_size)
     atomic_torch_save({"model": sd, "blipctl_config": model.config.to_dict()}, Path(path))
+    return task
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -457,6 +555,14 @@ def _load_hf(p: Path) -> tuple[BLIP, Tokenizer]:
         if act != "gelu":
             raise InputError(f"{p}: hidden_act {act!r} is not supported (BLIP uses gelu)")
     tok = Tokenizer.from_pretrained(p)
+    sd = {}
+    for k, v in _read_hf_weights(p).items():
+        nk = hf_to_native_key(k)
+        if nk is not None:
+            sd[nk] = v
+    # transformers ties the head unless tie_word_embeddings is false (top level or text_config); a head that differs
+    # from the embeddings is kept as it is either way
+    hf_untied = hf.get("tie_word_embeddings") is False or tc.get("tie_word_embeddings") is False
     cfg = BlipConfig(
         vision=vision,
         text=text,
@@ -469,12 +575,8 @@ def _load_hf(p: Path) -> tuple[BLIP, Tokenizer]:
         bos_token_id=tc.get("bos_token_id", d.bos_token_id),
         cls_token_id=tok.cls_id,
         enc_token_id=tok.enc_id,
+        tie_lm_head=not (has_dec and (hf_untied or lm_head_untied(sd))),
     )
-    sd = {}
-    for k, v in _read_hf_weights(p).items():
-        nk = hf_to_native_key(k)
-        if nk is not None:
-            sd[nk] = v
     model = BLIP(cfg)
     load_weights(model, sd, str(p))
     return model, tok
@@ -520,7 +622,9 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
             layer_norm_eps=v.layer_norm_eps,
         ),
         image_text_hidden_size=c.embed_dim,
+        tie_word_embeddings=c.tie_lm_head,
     )
+    hf_cfg.text_config.tie_word_embeddings = c.tie_lm_head
     hf_cfg.architectures = [arch]
     keep = (
         ("visual_encoder.", "text_decoder.")
@@ -531,8 +635,8 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
     for k, val in model.state_dict().items():
         if k.startswith(keep):
             sd[native_to_hf_key(k)] = val.detach().cpu().clone().contiguous()
-    if task == "caption":
-        sd.pop("text_decoder.cls.predictions.decoder.weight", None)  # tied to the word embeddings in HF too
+    if task == "caption" and c.tie_lm_head:
+        sd.pop(LM_HEAD, None)  # tied to the word embeddings in HF too
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
