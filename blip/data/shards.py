@@ -223,6 +223,32 @@ def iter_shard(
     checked nor counted): how several readers share a shard.
     """
     path = os.fspath(path)
+    for key, index, group in iter_groups(path, stats, strict, read_images=decode, subset=subset):
+        try:
+            sample = _validate(group, decode)
+        except BadSample as e:
+            _reject(stats, strict, f"{path}: sample {key!r}", e.reason, e.detail)
+            continue
+        stats.good += 1
+        yield {"key": key, **sample, "shard": path, "index": index}
+
+
+def iter_groups(
+    path: str | os.PathLike,
+    stats: SampleStats,
+    strict: bool = False,
+    *,
+    read_images: bool = True,
+    subset: tuple[int, int] | None = None,
+) -> Iterator[tuple[str, int, dict[str, bytes | int]]]:
+    """The raw member groups of ONE tar, unvalidated: `(key, position in the shard, {ext: bytes})`.
+
+    Shard-level damage is counted in `stats` as iter_shard does (missing_shard, unreadable_shard, truncated_tar:
+    the group being read when the tar ended is not yielded); the samples themselves are neither checked nor
+    counted. read_images=False stores an image member's size (an int) instead of its bytes. For tools that
+    look at samples iter_shard would reject (blip.data.stats).
+    """
+    path = os.fspath(path)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below; the generator may be abandoned
     except FileNotFoundError:
@@ -241,16 +267,8 @@ def iter_shard(
         key: str | None = None
         group: dict[str, bytes | int] = {}
 
-        def finish() -> Iterator[dict[str, Any]]:
-            if subset is not None and index % subset[0] != subset[1]:
-                return
-            try:
-                sample = _validate(group, decode)
-            except BadSample as e:
-                _reject(stats, strict, f"{path}: sample {key!r}", e.reason, e.detail)
-                return
-            stats.good += 1
-            yield {"key": key, **sample, "shard": path, "index": index}
+        def owned(i: int) -> bool:
+            return subset is None or i % subset[0] == subset[1]
 
         damage = None
         while True:
@@ -264,11 +282,10 @@ def iter_shard(
                     continue
                 mkey, ext = m.group(1), m.group(2).lower()
                 if mkey != key:
-                    if key is not None:
-                        yield from finish()
+                    if key is not None and owned(index):
+                        yield key, index, group
                     key, group, index = mkey, {}, index + 1
-                owned = subset is None or index % subset[0] == subset[1]
-                if owned and (decode or ext not in IMAGE_EXTS):
+                if owned(index) and (read_images or ext not in IMAGE_EXTS):
                     fobj = tf.extractfile(member)
                     group[ext] = fobj.read() if fobj is not None else b""
                 else:
@@ -279,8 +296,8 @@ def iter_shard(
         if damage is not None:
             where = f"{path}: at sample {key!r}" if key is not None else path
             _reject(stats, strict, where, "truncated_tar", damage)
-        elif key is not None:
-            yield from finish()
+        elif key is not None and owned(index):
+            yield key, index, group
 
 
 def _end_damage(f: Any, tf: tarfile.TarFile) -> str | None:
