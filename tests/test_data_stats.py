@@ -1,4 +1,5 @@
-"""`blip.data.stats` / `blipctl data stats`: counts on the demo world and on an img2dataset-layout shard set."""
+"""`blip.data.stats` (blip/data/shard_stats.py) and `blipctl data stats`: counts on the demo world and on an
+img2dataset-layout shard set."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from blip.data import stats
 from blip.data.demo import IMAGE_SIZE, make_demo
-from blip.data.stats import stats
 from blipctl.cli import app
 
 runner = CliRunner()

@@ -155,7 +155,7 @@ def stats(
 
       blipctl data stats "laion/{00000..00099}.tar" --json > laion_stats.json
     """
-    from blip.data.stats import stats as shard_stats
+    from blip.data import stats as shard_stats
 
     bar, update = _bar("stats")
     with bar:
