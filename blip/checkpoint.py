@@ -182,6 +182,10 @@ def _load_native(p: Path) -> tuple[BLIP, Tokenizer]:
 
 def load_weights(model: BLIP, sd: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
     """Load a state dict in original/native names; shared (tied) tensors may be present once or twice."""
+    if LM_DECODER_BIAS in sd:
+        # the original head adds decoder.bias: under transformers 4 the same tensor as cls.predictions.bias, under 5
+        # the only one resize_token_embeddings grows (BLIP_Pretrain there saves a stale 30522-long .bias)
+        sd = {**sd, "text_decoder.cls.predictions.bias": sd[LM_DECODER_BIAS]}
     sd = {k: v for k, v in sd.items() if not _TRAINING_KEYS.search(k)}
     pe = "visual_encoder.pos_embed"
     if pe in sd and sd[pe].shape != model.visual_encoder.pos_embed.shape:
@@ -203,6 +207,7 @@ def load_weights(model: BLIP, sd: dict[str, torch.Tensor], where: str, strict: b
 
 
 LM_HEAD = "text_decoder.cls.predictions.decoder.weight"
+LM_DECODER_BIAS = "text_decoder.cls.predictions.decoder.bias"
 DEC_EMBED = "text_decoder.bert.embeddings.word_embeddings.weight"
 
 

@@ -289,6 +289,21 @@ def test_a_tied_config_refuses_an_untied_head(untied_captioner, tok, tmp_path):
     assert r.exit_code == 2 and "LM head" in r.output
 
 
+def test_the_bias_the_original_forward_adds_wins(tok, tmp_path):
+    """The original's LM head adds `decoder.bias`; BLIP_Pretrain under transformers 5 saves a stale, shorter
+    `cls.predictions.bias` beside it (only decoder.bias is resized). Loading takes decoder.bias."""
+    torch.manual_seed(0)
+    m = BLIP(micro(tok, text_encoder=False))
+    with torch.no_grad():
+        m.text_decoder.cls.predictions.bias.normal_()
+    sd, _ = original_state_dict(m)
+    sd["text_decoder.cls.predictions.bias"] = torch.zeros(len(tok) - 2)
+    torch.save({"model": sd}, tmp_path / "m.pth")
+    tok.save(tmp_path)
+    back = load_model(tmp_path / "m.pth").model
+    assert torch.equal(back.text_decoder.cls.predictions.bias, m.text_decoder.cls.predictions.bias)
+
+
 def test_untied_flag_survives_dataclass_replace(tok):
     cfg = dataclasses.replace(micro(tok), tie_lm_head=False)
     assert BlipConfig.from_dict(cfg.to_dict()).tie_lm_head is False
