@@ -56,7 +56,12 @@ def load_model(
     image_size: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Loaded:
-    """Load a model from any supported source; `image_size` interpolates the position embeddings."""
+    """Load a model from any supported source; `image_size` interpolates the position embeddings.
+
+    LM heads: a checkpoint whose head (text_decoder.cls.predictions.decoder.weight) differs from the word
+    embeddings (.pth, or HF with tie_word_embeddings false) loads UNTIED (config.tie_lm_head = False) and
+    generates exactly as it was trained; a native config that says tied over weights that differ is refused
+    (InputError). A head is never tied silently."""
     src = str(source)
     p = Path(src).expanduser()
     if p.is_dir():
