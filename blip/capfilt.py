@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from blip.errors import InputError
-from blip.generation import GenerationConfig, generate
+from blip.generation import GenerationConfig, check_range, generate
 from blip.model.blip import BLIP
 from blip.tokenizer import Tokenizer
 
@@ -62,6 +62,17 @@ class CapfiltConfig:
     def __post_init__(self) -> None:
         if self.num_captions < 0:
             raise InputError(f"--num-captions must be 0 or more, got {self.num_captions}")
+        check_range("threshold", self.threshold, low=0.0, high=1.0)
+        if self.itc_threshold is not None:
+            check_range("itc_threshold", self.itc_threshold, low=-1.0, high=1.0)  # a cosine
+        check_range("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_range("num_beams", self.num_beams, low=0)
+        check_range("batch_size", self.batch_size, low=1)
+        check_range("max_length", self.max_length, low=1)
+        check_range("min_length", self.min_length, low=0)
+        if self.min_length > self.max_length:
+            raise InputError(f"min_length: must not exceed max_length ({self.max_length}), got {self.min_length}")
+        check_range("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
 
 
 @dataclass

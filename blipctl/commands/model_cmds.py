@@ -110,8 +110,9 @@ def caption_images(
 
     from blip.data.transforms import eval_transform
     from blip.errors import InputError
-    from blip.generation import GenerationConfig, generate
+    from blip.generation import GenerationConfig, check_range, generate
 
+    check_range("batch_size", batch_size, low=1)
     if num_captions < 1:
         raise InputError("--num-captions must be at least 1")
     if not sample and num_captions > num_beams:

@@ -1,0 +1,160 @@
+"""Bad input through the real CLI: each case exits 2 with the offending option, key, file or sample named (and no
+traceback), or is skipped and counted; never a crash (exit 1) or a silently wrong result (issue 18)."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import make_images, sharpen, tiny_tokenizer
+from typer.testing import CliRunner
+
+from blip.capfilt import CapfiltConfig
+from blip.checkpoint import save_checkpoint
+from blip.config import BlipConfig, TextConfig, VisionConfig
+from blip.errors import InputError
+from blip.generation import GenerationConfig
+from blip.model import BLIP
+from blipctl.cli import app
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False, env={"HF_HUB_OFFLINE": "1"})
+
+
+def refused(r, *names: str) -> None:
+    """Exit 2, every name (a regex) in the message, no traceback."""
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    for n in names:
+        assert re.search(n, r.output), (n, r.output)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok):
+    """A micro model with encoder and decoder: a captioner and a filter at once."""
+    cfg = BlipConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=4, mlp_dim=64),
+        text=TextConfig(vocab_size=len(tok), hidden=32, layers=1, heads=4, mlp_dim=64, max_positions=64),
+        embed_dim=16,
+        bos_token_id=tok.bos_id,
+        enc_token_id=tok.enc_id,
+        pad_token_id=tok.pad_id,
+        cls_token_id=tok.cls_id,
+        sep_token_id=tok.sep_id,
+    )
+    torch.manual_seed(0)
+    m = BLIP(cfg)
+    sharpen(m)
+    d = tmp_path_factory.mktemp("ckpt") / "model"
+    save_checkpoint(m, tok, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("img"), n=2)
+
+
+def png(seed: int, size: int = 40) -> bytes:
+    arr = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from blip.data.shards import write_shard
+
+    d = tmp_path_factory.mktemp("web")
+    write_shard(d / "web-00000.tar", [{"__key__": f"s{i}", "png": png(i), "txt": "a red circle"} for i in range(3)])
+    return d
+
+
+# ---- generation and CapFilt options ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"max_length": 0, "min_length": 0}, "max_length"),
+        ({"min_length": 9, "max_length": 8}, "min_length"),
+        ({"num_beams": 0}, "num_beams"),
+        ({"temperature": 0.0}, "temperature"),
+    ],
+)
+def test_generation_config_refuses_bad_values(kw, name):
+    with pytest.raises(InputError, match=name):
+        GenerationConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [
+        ({"threshold": math.nan}, "threshold"),
+        ({"threshold": -0.1}, "threshold"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"itc_threshold": math.inf}, "itc_threshold"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_length": 0}, "max_length"),
+        ({"min_length": 31, "max_length": 30}, "min_length"),
+    ],
+)
+def test_capfilt_config_refuses_bad_values(kw, name):
+    with pytest.raises(InputError, match=name):
+        CapfiltConfig(**kw)
+    CapfiltConfig(threshold=0.0, top_p=1.0, min_length=30, max_length=30)  # the edges are fine
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (["--threshold", "nan"], "threshold"),
+        (["--threshold", "1.5"], "threshold"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-p", "1.01"], "top_p"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--max-length", "0"], "max_length"),
+        (["--min-length", "12", "--max-length", "10"], "min_length"),
+    ],
+)
+def test_capfilt_bad_options_exit_2(args, name, shards, ckpt, tmp_path):
+    out = tmp_path / "out"
+    r = cli("capfilt", "--in", shards, "--out", out, "--captioner", ckpt, "--filter", ckpt, "--device", "cpu", *args)
+    refused(r, name)
+    assert not list(out.glob("*.tar"))
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (["--sample", "--top-p", "0"], "top_p"),
+        (["--sample", "--top-p", "2"], "top_p"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--max-length", "0", "--min-length", "0"], "max.length"),
+        (["--min-length", "12", "--max-length", "10"], "min_length"),
+    ],
+)
+def test_caption_bad_options_exit_2(args, name, images, ckpt):
+    refused(cli("caption", images[0], "--model", ckpt, "--device", "cpu", *args), name)
+
+
+def test_caption_top_p_edges_still_caption(images, ckpt):
+    r = cli("caption", *images, "--model", ckpt, "--device", "cpu", "--sample", "--top-p", "1", "--json")
+    assert r.exit_code == 0, r.output
+    assert len(r.stdout.splitlines()) == 2
