@@ -207,7 +207,7 @@ def process_shard(
 ) -> ShardStats:
     """Bootstrap one input shard into `out_dir/<name>` (atomic) plus its stats file; returns the stats."""
     from blip.data.demo import caption_matches_scene
-    from blip.data.shards import SampleStats, iter_shard, write_shard
+    from blip.data.shards import SampleStats, captions_of, iter_shard, write_shard
 
     cfg = boot.cfg
     t0 = time.perf_counter()
@@ -253,8 +253,7 @@ def process_shard(
                 kept = [{k: c[k] for k in ("text", "source", "itm")} for c in caps if c["kept"]]
             else:  # human data passes through
                 caps = None
-                given = s["json"].get("captions") or [{"text": s["text"]}]
-                kept = [{"text": c["text"], "source": "human", "itm": None} for c in given]
+                kept = [{"text": t, "source": "human", "itm": None} for t in captions_of(s)]
                 counts["human"]["in"] += len(kept)
                 counts["human"]["kept"] += len(kept)
             if len(st.examples) < EXAMPLES_PER_SHARD:

@@ -4,6 +4,7 @@ traceback), or is skipped and counted; never a crash (exit 1) or a silently wron
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 
@@ -158,3 +159,58 @@ def test_caption_top_p_edges_still_caption(images, ckpt):
     r = cli("caption", *images, "--model", ckpt, "--device", "cpu", "--sample", "--top-p", "1", "--json")
     assert r.exit_code == 0, r.output
     assert len(r.stdout.splitlines()) == 2
+
+
+# ---- one malformed sample is skipped and counted, not fatal -------------------------------------------------------
+DEEP = "[" * 100_000 + "]" * 100_000  # a json member nested 100,000 deep (RecursionError in json.loads)
+SCENE = {"objects": [{"color": "red", "shape": "circle", "position": "left", "size": "small"}], "background": "white"}
+
+
+def malformed_shard(path):
+    """2 good web samples, one human sample whose captions are plain strings, and 3 with malformed json."""
+    from blip.data.shards import write_shard
+
+    good = [{"__key__": f"good{i}", "png": png(i), "txt": "a red circle", "json": {"scene": SCENE}} for i in range(2)]
+    human = {"__key__": "human", "png": png(9), "txt": "x", "json": {"source": "human", "captions": ["a red circle"]}}
+    bad = [
+        {"__key__": "deep", "png": png(3), "txt": "a red circle", "json": DEEP},
+        {"__key__": "scene_str", "png": png(4), "txt": "a red circle", "json": {"scene": "a red circle"}},
+        {"__key__": "scene_objs", "png": png(5), "txt": "a red circle", "json": {"scene": {"objects": ["red"]}}},
+    ]
+    write_shard(path, [good[0], bad[0], human, bad[1], good[1], bad[2]])
+    return path
+
+
+def test_malformed_json_is_skipped_and_counted_by_the_reader(tmp_path):
+    from blip.data.shards import SampleStats, iter_shard
+
+    stats = SampleStats()
+    keys = [s["key"] for s in iter_shard(malformed_shard(tmp_path / "m.tar"), stats)]
+    assert keys == ["good0", "human", "good1"]
+    assert stats.as_dict() == {"good": 3, "bad": 3, "bad_json": 3}
+    with pytest.raises(InputError, match="'deep'.*bad_json"):
+        list(iter_shard(tmp_path / "m.tar", SampleStats(), strict=True))
+
+
+def test_capfilt_skips_malformed_json(tmp_path, ckpt):
+    malformed_shard(tmp_path / "in" / "web-00000.tar")
+    out = tmp_path / "out"
+    r = cli("capfilt", "--in", tmp_path / "in", "--out", out, "--captioner", ckpt, "--filter", ckpt,
+            "--threshold", "0", "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "capfilt.json").read_text())
+    assert summary["images_in"] == 3 and summary["images_out"] == 3
+    assert summary["bad_samples"] == {"bad_json": 3}
+    assert summary["counts"]["human"] == {"in": 1, "kept": 1, "dropped": 0}
+
+
+def test_pretrain_skips_malformed_json(tmp_path):
+    from test_train_support import micro_init, read_metrics
+
+    malformed_shard(tmp_path / "in" / "web-00000.tar")
+    init = micro_init(tmp_path / "init")
+    fast = ["model.image_size=32", "data.batch_size=2", "data.num_workers=0", "data.num_samples=3",
+            "loss.queue_size=0", "train.log_every=1", "train.device='cpu'", "train.max_steps=2"]  # fmt: skip
+    r = cli("pretrain", "--init", init, "--data", tmp_path / "in", "--out", tmp_path / "run", *fast)
+    assert r.exit_code == 0, r.output
+    assert any(row.get("bad_samples") for row in read_metrics(tmp_path / "run"))
