@@ -214,3 +214,13 @@ def test_pretrain_skips_malformed_json(tmp_path):
     r = cli("pretrain", "--init", init, "--data", tmp_path / "in", "--out", tmp_path / "run", *fast)
     assert r.exit_code == 0, r.output
     assert any(row.get("bad_samples") for row in read_metrics(tmp_path / "run"))
+
+
+# ---- training config ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.min_lr=inf", "loss.alpha=nan", "optim.betas=[0.9, nan]",
+                                      "loss.momentum=-inf", "data.min_scale=nan"])  # fmt: skip
+def test_nonfinite_training_values_exit_2_naming_the_key(override, tmp_path):
+    key = override.split("=")[0]
+    r = cli("pretrain", "--data", tmp_path, "--out", tmp_path / "run", override)
+    refused(r, re.escape(key), "finite")
+    assert not (tmp_path / "run").exists()
