@@ -84,7 +84,8 @@ def detect_dir_kind(p: Path) -> str:
     cfg = _read_json(cfg_path)
     if cfg.get("format") == FORMAT:
         return FORMAT
-    if cfg.get("model_type") == "blip" or any(a.startswith("Blip") for a in cfg.get("architectures") or []):
+    archs = cfg.get("architectures") if isinstance(cfg.get("architectures"), list) else []
+    if cfg.get("model_type") == "blip" or any(str(a).startswith("Blip") for a in archs):
         return "hf"
     raise InputError(f"{cfg_path}: not a BLIP config (model_type={cfg.get('model_type')!r})")
 
@@ -168,16 +169,30 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_native(p: Path) -> tuple[BLIP, Tokenizer]:
-    from safetensors.torch import load_file
-
     meta = _read_json(p / "config.json")
-    cfg = BlipConfig.from_dict(meta["model"])
+    if not isinstance(meta.get("model"), dict):
+        raise InputError(f"{p / 'config.json'}: no 'model' object (the model config of a blipctl checkpoint)")
+    try:
+        cfg = BlipConfig.from_dict(meta["model"])
+    except InputError as e:
+        raise InputError(f"{p / 'config.json'}: bad model config: {e}") from None
     model = BLIP(cfg)
     weights = p / "model.safetensors"
     if not weights.exists():
         raise InputError(f"{p}: missing model.safetensors")
-    load_weights(model, load_file(str(weights)), str(weights))
+    load_weights(model, read_safetensors(weights), str(weights))
     return model, Tokenizer.from_pretrained(p)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or garbage file is an InputError naming it (not a parser error)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean "not a readable weights file"
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError(f"{path}: not a readable safetensors file (truncated or corrupt?): {detail}") from None
 
 
 def load_weights(model: BLIP, sd: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
@@ -400,22 +415,31 @@ def native_to_hf_key(k: str) -> str:
 
 
 def _read_json(p: Path) -> dict:
+    """A JSON object from a file; invalid JSON, another type or an unreadable file is an InputError naming it."""
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}: invalid JSON ({e})") from None
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, nested too deeply
+        raise InputError(f"{p}: invalid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    except OSError as e:
+        raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _read_hf_weights(p: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if (p / "model.safetensors").exists():
-        return load_file(str(p / "model.safetensors"))
+        return read_safetensors(p / "model.safetensors")
     index = p / "model.safetensors.index.json"
     if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise InputError(f"{index}: no 'weight_map' of tensor name -> file")
         sd = {}
-        for f in sorted(set(_read_json(index)["weight_map"].values())):
-            sd.update(load_file(str(p / f)))
+        for f in sorted(set(weight_map.values())):
+            if Path(f).name != f:
+                raise InputError(f"{index}: weight file {f!r} is not a file name in {p}")
+            sd.update(read_safetensors(p / f))
         return sd
     if (p / "pytorch_model.bin").exists():
         return read_pth(p / "pytorch_model.bin")
