@@ -252,3 +252,46 @@ def test_bad_config_json_exit_2_naming_the_file(config, ckpt, images, tmp_path):
     d = broken_copy(ckpt, tmp_path / "m")
     (d / "config.json").write_text(config)
     refused(cli("caption", images[0], "--model", d, "--device", "cpu"), "config.json")
+
+
+# ---- evaluation annotations and images ---------------------------------------------------------------------------
+def annotations(d, images, records):
+    import shutil
+
+    for p in images:
+        shutil.copy(p, d / p.name)
+    path = d / "ann.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ({"image": "img1.png", "caption": 7}, "record 1"),
+        ({"image": "img1.png", "caption": None}, "record 1"),
+        ({"image": "img1.png", "caption": ["a red circle", None]}, "record 1"),
+        ({"image": 7, "caption": "a red circle"}, "record 1"),
+    ],
+)
+@pytest.mark.parametrize("command", ["eval-caption", "eval-retrieval"])
+def test_bad_annotation_records_exit_2_naming_file_and_record(command, bad, named, ckpt, images, tmp_path):
+    ann = annotations(tmp_path, images, [{"image": "img0.png", "caption": ["a red circle"]}, bad])
+    extra = ["--no-meteor"] if command == "eval-caption" else ["--k", "1"]
+    r = cli(command, ann, "--model", ckpt, "--device", "cpu", *extra)
+    refused(r, "ann.json", named, "caption" if "caption" in bad and not isinstance(bad["image"], int) else "image")
+
+
+def bomb(path) -> None:
+    """A PNG of 12000 x 12000 pixels (over Pillow's decompression-bomb limit): tiny on disk."""
+    Image.new("1", (12_000, 12_000)).save(path, format="PNG")
+
+
+@pytest.mark.parametrize("command", ["eval-caption", "eval-retrieval"])
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_decompression_bomb_eval_image_exit_2_naming_it(command, workers, ckpt, images, tmp_path):
+    ann = annotations(tmp_path, images, [{"image": p.name, "caption": ["a red circle"]} for p in images])
+    bomb(tmp_path / images[1].name)
+    extra = ["--no-meteor"] if command == "eval-caption" else ["--k", "1"]
+    r = cli(command, ann, "--model", ckpt, "--device", "cpu", "--num-workers", workers, *extra)
+    refused(r, images[1].name, "absurd_size")
