@@ -340,7 +340,11 @@ def _tensors_equal(sd: dict, a: str, b: str) -> bool:
 
 
 def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
-    """--tokenizer SRC, else tokenizer files beside the .pth, else bert-base-uncased (+[DEC]/[ENC])."""
+    """`tokenizer`, else tokenizer files beside the .pth, else bert-base-uncased (+[DEC]/[ENC]) from the network or
+    the Hugging Face cache. Offline and uncached, transformers 5 returns a 5-token BERT tokenizer without an error:
+    refused here, since it decodes every caption to an empty string."""
+    from blip.tokenizer import SPECIALS
+
     if tokenizer:
         return Tokenizer.from_pretrained(tokenizer)
     for cand in (p.parent / p.stem, p.parent):
@@ -349,12 +353,17 @@ def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
     try:
         from transformers import BertTokenizer
 
-        return Tokenizer(BertTokenizer.from_pretrained("bert-base-uncased"))
-    except Exception:  # noqa: BLE001
+        hf = BertTokenizer.from_pretrained("bert-base-uncased")
+    except Exception:  # noqa: BLE001 - no network, no cache, a broken cache: the same way out
+        hf = None
+    if hf is None or len(hf) <= len(SPECIALS):
         raise InputError(
-            f"{p} carries no tokenizer and bert-base-uncased could not be fetched (no network?). Pass "
-            f"--tokenizer DIR (a directory with vocab.txt or tokenizer.json), or put vocab.txt beside the .pth"
-        ) from None
+            f"tokenizer: {p} carries no tokenizer (no vocab.txt or tokenizer.json beside it) and bert-base-uncased "
+            f"is not available (no network and not in the Hugging Face cache). Pass the tokenizer the model was "
+            f"trained with: --tokenizer DIR (the `tokenizer` parameter; a directory with vocab.txt or tokenizer.json), "
+            f"or put vocab.txt beside the .pth"
+        )
+    return Tokenizer(hf)
 
 
 def save_pth(model: BLIP, path: str | os.PathLike) -> None:

@@ -295,3 +295,29 @@ def test_decompression_bomb_eval_image_exit_2_naming_it(command, workers, ckpt, 
     extra = ["--no-meteor"] if command == "eval-caption" else ["--k", "1"]
     r = cli(command, ann, "--model", ckpt, "--device", "cpu", "--num-workers", workers, *extra)
     refused(r, images[1].name, "absurd_size")
+
+
+# ---- model sources -----------------------------------------------------------------------------------------------
+def blipctl_subprocess(*args, tmp_path):
+    """The real console entry, offline, with an empty Hugging Face cache (so bert-base-uncased is not there)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(root)}
+    env.pop("HF_HUB_CACHE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "blipctl", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_pth_without_tokenizer_offline_exit_2_asking_for_one(ckpt, images, tmp_path):
+    pth = tmp_path / "alone" / "model.pth"
+    assert cli("export", "--model", ckpt, "--format", "pth", "--out", pth).exit_code == 0
+    r = blipctl_subprocess("caption", images[0], "--model", pth, "--device", "cpu", tmp_path=tmp_path)
+    assert r.returncode == 2, r.stderr
+    msg = r.stderr.replace("\n", "")
+    assert "--tokenizer DIR" in msg and "model.pth" in msg and "Traceback" not in r.stderr
+    r = cli("caption", images[0], "--model", pth, "--tokenizer", ckpt, "--device", "cpu", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["caption"]  # with the tokenizer: a real caption
