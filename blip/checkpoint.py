@@ -65,10 +65,14 @@ def load_model(
     elif p.is_file():
         kind = "pth"
         model, tok = _load_pth(p, tokenizer)
-    elif _looks_like_hub_id(src):
+    elif _looks_like_hub_id(src) and not _looks_local(p):
         return load_model(_download(src), tokenizer, image_size, device)
     else:
-        raise InputError(f"model source not found: {src} (expected a checkpoint directory, a .pth file or a hub id)")
+        where = f"; {p.parent} exists but holds no {p.name!r}" if p.parent != Path(".") and p.parent.is_dir() else ""
+        raise InputError(
+            f"model source not found: {src}: no such file or directory{where} "
+            f"(expected a checkpoint directory, a .pth file or a Hugging Face hub id such as {DEFAULT_CAPTIONER})"
+        )
     if tokenizer is not None and kind != "pth":
         tok = Tokenizer.from_pretrained(tokenizer)
     _check_vocab(model, tok, src)
@@ -92,6 +96,12 @@ def detect_dir_kind(p: Path) -> str:
 
 def _looks_like_hub_id(s: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not s.startswith((".", "/"))
+
+
+def _looks_local(p: Path) -> bool:
+    """A missing path that is surely meant as a local one, not a hub id `owner/name`: a checkpoint file name
+    (`runs/x.pth`), or one whose first directory exists here (`runs/modle` mistyped, with `runs/` present)."""
+    return p.suffix.lower() in (".pth", ".pt", ".bin", ".safetensors", ".json") or Path(p.parts[0]).is_dir()
 
 
 def _download(repo_id: str) -> str:

@@ -321,3 +321,13 @@ def test_pth_without_tokenizer_offline_exit_2_asking_for_one(ckpt, images, tmp_p
     assert "--tokenizer DIR" in msg and "model.pth" in msg and "Traceback" not in r.stderr
     r = cli("caption", images[0], "--model", pth, "--tokenizer", ckpt, "--device", "cpu", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["caption"]  # with the tokenizer: a real caption
+
+
+@pytest.mark.parametrize("source", ["runs/x.pth", "runs/modle", "./runs/modle", "{tmp}/runs/modle", "ckpt.safetensors"])
+def test_mistyped_local_model_path_is_not_a_hub_failure(source, images, tmp_path, monkeypatch):
+    (tmp_path / "runs" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    source = source.format(tmp=tmp_path)
+    r = cli("caption", images[0], "--model", source)
+    refused(r, "no such file or directory", re.escape(source))
+    assert "hub (" not in r.output and "HF_HUB_OFFLINE" not in r.output and "cannot fetch" not in r.output
