@@ -378,6 +378,8 @@ def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
 
 def save_pth(model: BLIP, path: str | os.PathLike) -> None:
     """Export in the original format: `{"model": state_dict}` with the original key names."""
+    if Path(path).is_dir():
+        raise InputError(f"out: {path} is a directory; the pth format needs a .pth file path (e.g. {path}/model.pth)")
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_torch_save({"model": sd, "blipctl_config": model.config.to_dict()}, Path(path))
 

@@ -331,3 +331,33 @@ def test_mistyped_local_model_path_is_not_a_hub_failure(source, images, tmp_path
     r = cli("caption", images[0], "--model", source)
     refused(r, "no such file or directory", re.escape(source))
     assert "hub (" not in r.output and "HF_HUB_OFFLINE" not in r.output and "cannot fetch" not in r.output
+
+
+def test_export_pth_to_a_directory_exit_2(ckpt, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep me")
+    refused(cli("export", "--model", ckpt, "--format", "pth", "--out", tmp_path / "out"), "out", r"\.pth file")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("kind", ["directory", "shard", "text", "missing", "bomb"])
+def test_score_image_that_is_not_one_image_exit_2_naming_it(kind, ckpt, shards, images, tmp_path):
+    path = {
+        "directory": images[0].parent,
+        "shard": shards / "web-00000.tar",
+        "text": tmp_path / "notes.txt",
+        "missing": tmp_path / "nope.jpg",
+        "bomb": tmp_path / "bomb.png",
+    }[kind]
+    if kind == "text":
+        path.write_text("not an image")
+    if kind == "bomb":
+        bomb(path)
+    r = cli("score", "--image", path, "--text", "a red circle", "--model", ckpt, "--device", "cpu")
+    refused(r, "image", re.escape(str(path)))
+
+
+def test_score_one_image_still_scores(ckpt, images):
+    r = cli("score", "--image", images[0], "--text", "a red circle", "--model", ckpt, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    assert 0.0 <= json.loads(r.stdout)["itm"] <= 1.0
