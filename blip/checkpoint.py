@@ -70,10 +70,14 @@ def load_model(
     elif p.is_file():
         kind = "pth"
         model, tok = _load_pth(p, tokenizer)
-    elif _looks_like_hub_id(src):
+    elif _looks_like_hub_id(src) and not _looks_local(p):
         return load_model(_download(src), tokenizer, image_size, device)
     else:
-        raise InputError(f"model source not found: {src} (expected a checkpoint directory, a .pth file or a hub id)")
+        where = f"; {p.parent} exists but holds no {p.name!r}" if p.parent != Path(".") and p.parent.is_dir() else ""
+        raise InputError(
+            f"model source not found: {src}: no such file or directory{where} "
+            f"(expected a checkpoint directory, a .pth file or a Hugging Face hub id such as {DEFAULT_CAPTIONER})"
+        )
     if tokenizer is not None and kind != "pth":
         tok = Tokenizer.from_pretrained(tokenizer)
     _check_vocab(model, tok, src)
@@ -89,13 +93,20 @@ def detect_dir_kind(p: Path) -> str:
     cfg = _read_json(cfg_path)
     if cfg.get("format") == FORMAT:
         return FORMAT
-    if cfg.get("model_type") == "blip" or any(a.startswith("Blip") for a in cfg.get("architectures") or []):
+    archs = cfg.get("architectures") if isinstance(cfg.get("architectures"), list) else []
+    if cfg.get("model_type") == "blip" or any(str(a).startswith("Blip") for a in archs):
         return "hf"
     raise InputError(f"{cfg_path}: not a BLIP config (model_type={cfg.get('model_type')!r})")
 
 
 def _looks_like_hub_id(s: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not s.startswith((".", "/"))
+
+
+def _looks_local(p: Path) -> bool:
+    """A missing path that is surely meant as a local one, not a hub id `owner/name`: a checkpoint file name
+    (`runs/x.pth`), or one whose first directory exists here (`runs/modle` mistyped, with `runs/` present)."""
+    return p.suffix.lower() in (".pth", ".pt", ".bin", ".safetensors", ".json") or Path(p.parts[0]).is_dir()
 
 
 def _download(repo_id: str) -> str:
@@ -173,16 +184,30 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_native(p: Path) -> tuple[BLIP, Tokenizer]:
-    from safetensors.torch import load_file
-
     meta = _read_json(p / "config.json")
-    cfg = BlipConfig.from_dict(meta["model"])
+    if not isinstance(meta.get("model"), dict):
+        raise InputError(f"{p / 'config.json'}: no 'model' object (the model config of a blipctl checkpoint)")
+    try:
+        cfg = BlipConfig.from_dict(meta["model"])
+    except InputError as e:
+        raise InputError(f"{p / 'config.json'}: bad model config: {e}") from None
     model = BLIP(cfg)
     weights = p / "model.safetensors"
     if not weights.exists():
         raise InputError(f"{p}: missing model.safetensors")
-    load_weights(model, load_file(str(weights)), str(weights))
+    load_weights(model, read_safetensors(weights), str(weights))
     return model, Tokenizer.from_pretrained(p)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or garbage file is an InputError naming it (not a parser error)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean "not a readable weights file"
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError(f"{path}: not a readable safetensors file (truncated or corrupt?): {detail}") from None
 
 
 def load_weights(model: BLIP, sd: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
@@ -367,7 +392,11 @@ def _tensors_equal(sd: dict, a: str, b: str) -> bool:
 
 
 def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
-    """--tokenizer SRC, else tokenizer files beside the .pth, else bert-base-uncased (+[DEC]/[ENC])."""
+    """`tokenizer`, else tokenizer files beside the .pth, else bert-base-uncased (+[DEC]/[ENC]) from the network or
+    the Hugging Face cache. Offline and uncached, transformers 5 returns a 5-token BERT tokenizer without an error:
+    refused here, since it decodes every caption to an empty string."""
+    from blip.tokenizer import SPECIALS
+
     if tokenizer:
         return Tokenizer.from_pretrained(tokenizer)
     for cand in (p.parent / p.stem, p.parent):
@@ -376,12 +405,17 @@ def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
     try:
         from transformers import BertTokenizer
 
-        return Tokenizer(BertTokenizer.from_pretrained("bert-base-uncased"))
-    except Exception:  # noqa: BLE001
+        hf = BertTokenizer.from_pretrained("bert-base-uncased")
+    except Exception:  # noqa: BLE001 - no network, no cache, a broken cache: the same way out
+        hf = None
+    if hf is None or len(hf) <= len(SPECIALS):
         raise InputError(
-            f"{p} carries no tokenizer and bert-base-uncased could not be fetched (no network?). Pass "
-            f"--tokenizer DIR (a directory with vocab.txt or tokenizer.json), or put vocab.txt beside the .pth"
-        ) from None
+            f"tokenizer: {p} carries no tokenizer (no vocab.txt or tokenizer.json beside it) and bert-base-uncased "
+            f"is not available (no network and not in the Hugging Face cache). Pass the tokenizer the model was "
+            f"trained with: --tokenizer DIR (the `tokenizer` parameter; a directory with vocab.txt or tokenizer.json), "
+            f"or put vocab.txt beside the .pth"
+        )
+    return Tokenizer(hf)
 
 
 PTH_TASKS = ("auto", "caption", "itm", "retrieval", "pretrain")
@@ -451,6 +485,8 @@ def original_state_dict(
 def save_pth(model: BLIP, path: str | os.PathLike, task: str = "auto", queue_size: int = ORIGINAL_QUEUE_SIZE) -> str:
     """Export in the original format, `{"model": state_dict}`, loadable by the original code's loaders for `task`
     (see original_state_dict); blipctl's own config rides along under `blipctl_config`. Returns the task."""
+    if Path(path).is_dir():
+        raise InputError(f"out: {path} is a directory; the pth format needs a .pth file path (e.g. {path}/model.pth)")
     sd, task = original_state_dict(model, task, queue_size)
     atomic_torch_save({"model": sd, "blipctl_config": model.config.to_dict()}, Path(path))
     return task
@@ -508,22 +544,31 @@ def native_to_hf_key(k: str) -> str:
 
 
 def _read_json(p: Path) -> dict:
+    """A JSON object from a file; invalid JSON, another type or an unreadable file is an InputError naming it."""
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}: invalid JSON ({e})") from None
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, nested too deeply
+        raise InputError(f"{p}: invalid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    except OSError as e:
+        raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _read_hf_weights(p: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if (p / "model.safetensors").exists():
-        return load_file(str(p / "model.safetensors"))
+        return read_safetensors(p / "model.safetensors")
     index = p / "model.safetensors.index.json"
     if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise InputError(f"{index}: no 'weight_map' of tensor name -> file")
         sd = {}
-        for f in sorted(set(_read_json(index)["weight_map"].values())):
-            sd.update(load_file(str(p / f)))
+        for f in sorted(set(weight_map.values())):
+            if Path(f).name != f:
+                raise InputError(f"{index}: weight file {f!r} is not a file name in {p}")
+            sd.update(read_safetensors(p / f))
         return sd
     if (p / "pytorch_model.bin").exists():
         return read_pth(p / "pytorch_model.bin")

@@ -164,6 +164,20 @@ def captions_of(sample: Mapping[str, Any]) -> list[str]:
     return texts or [sample["text"]]
 
 
+def _scene_problem(scene: Any) -> str | None:
+    """What is wrong with a json.scene (the demo world's record of an image, which CapFilt checks captions
+    against), or None: an object whose `objects` is a list of objects with string color, shape, size, position."""
+    if not isinstance(scene, dict):
+        return f"json.scene: expected an object, got {type(scene).__name__}"
+    objects = scene.get("objects", [])
+    fields = ("color", "shape", "size", "position")
+    if not isinstance(objects, list) or not all(
+        isinstance(o, dict) and all(isinstance(o.get(f), str) for f in fields) for o in objects
+    ):
+        return "json.scene.objects: expected a list of objects with string color, shape, size and position"
+    return None
+
+
 def _validate(group: dict[str, bytes | int], decode: bool) -> dict[str, Any]:
     """A raw member group -> sample fields, or BadSample. Cheap checks (text) run before the image decode."""
     meta: dict = {}
@@ -174,8 +188,12 @@ def _validate(group: dict[str, bytes | int], decode: bool) -> dict[str, Any]:
             raise BadSample("bad_utf8", f"json: {e}") from None
         except ValueError as e:
             raise BadSample("bad_json", str(e)) from None
+        except RecursionError:  # nested deeper than the parser's recursion limit
+            raise BadSample("bad_json", "nested too deeply") from None
         if not isinstance(meta, dict):
             raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")
+        if "scene" in meta and (problem := _scene_problem(meta["scene"])):
+            raise BadSample("bad_json", problem)
     candidates = _caption_texts(meta)
     if "txt" in group:
         try:

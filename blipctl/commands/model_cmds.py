@@ -110,8 +110,9 @@ def caption_images(
 
     from blip.data.transforms import eval_transform
     from blip.errors import InputError
-    from blip.generation import GenerationConfig, generate
+    from blip.generation import GenerationConfig, check_range, generate
 
+    check_range("batch_size", batch_size, low=1)
     if num_captions < 1:
         raise InputError("--num-captions must be at least 1")
     if not sample and num_captions > num_beams:
@@ -221,16 +222,17 @@ def score_texts(
     """ITM match probability and ITC cosine of one image against each text."""
     import torch
 
+    from blip.data.images import load_image_file
     from blip.data.transforms import eval_transform
     from blip.errors import InputError
 
     if not texts:
         raise InputError("give at least one --text")
+    im = load_image_file(image)
     loaded = _load(model, tokenizer, image_size, device)
     m, tok = loaded.model, loaded.tokenizer
     if not m.config.text_encoder:
         raise InputError(f"{model} has no text encoder: it is a captioner, not a retrieval/filter model")
-    ((_, im),) = list(iter_inputs([image]))
     dev = next(m.parameters()).device
     px = eval_transform(m.config.vision.image_size)(im)[None].to(dev)
     ids, mask = tok(texts, max_length=max_length)
