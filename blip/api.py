@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,8 +92,9 @@ class Model:
         seed: int = 0,
     ) -> Iterator[tuple[str, list[str]]]:
         """(name, captions) per (name, image): the streaming form of `caption`."""
-        from blip.generation import GenerationConfig, generate
+        from blip.generation import GenerationConfig, check_range, generate
 
+        check_range("batch_size", batch_size, low=1)
         if num_captions < 1:
             raise InputError("num_captions must be at least 1", param="num_captions")
         if not sample and num_captions > num_beams:
@@ -285,5 +285,8 @@ def score_texts(
     """ITM match probability and ITC cosine of one image against each text."""
     if not texts:
         raise InputError("texts: give at least one text", param="texts")
+    from blip.data.images import load_image_file
+
+    im = load_image_file(image)  # one image file: a directory, a shard or a non-image is an InputError naming it
     m = model if isinstance(model, Model) else load(model, device=device, tokenizer=tokenizer, image_size=image_size)
-    return m.score(str(Path(image)), texts, max_length=max_length)
+    return m.score(im, texts, max_length=max_length)

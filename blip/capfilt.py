@@ -28,7 +28,7 @@ import torch
 from blip import capfilt_report as report
 from blip.atomic import write_text
 from blip.errors import InputError
-from blip.generation import GenerationConfig, generate
+from blip.generation import GenerationConfig, check_range, generate
 from blip.inputs import batches
 from blip.model.blip import BLIP
 from blip.tokenizer import Tokenizer
@@ -61,6 +61,17 @@ class CapfiltConfig:
     def __post_init__(self) -> None:
         if self.num_captions < 0:
             raise InputError(f"num_captions must be 0 or more, got {self.num_captions}", param="num_captions")
+        check_range("threshold", self.threshold, low=0.0, high=1.0)
+        if self.itc_threshold is not None:
+            check_range("itc_threshold", self.itc_threshold, low=-1.0, high=1.0)  # a cosine
+        check_range("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_range("num_beams", self.num_beams, low=0)
+        check_range("batch_size", self.batch_size, low=1)
+        check_range("max_length", self.max_length, low=1)
+        check_range("min_length", self.min_length, low=0)
+        if self.min_length > self.max_length:
+            raise InputError(f"min_length: must not exceed max_length ({self.max_length}), got {self.min_length}")
+        check_range("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
 
 
 @dataclass
@@ -186,7 +197,7 @@ def process_shard(
     shard: str, out_dir: Path, boot: Bootstrapper, on_images: Callable[[int], None] | None = None
 ) -> ShardStats:
     """Bootstrap one input shard into `out_dir/<name>` (atomic) plus its stats file; returns the stats."""
-    from blip.data.shards import SampleStats, iter_shard, write_shard
+    from blip.data.shards import SampleStats, captions_of, iter_shard, write_shard
 
     cfg = boot.cfg
     t0 = time.perf_counter()
@@ -222,8 +233,7 @@ def process_shard(
                 kept = [{k: c[k] for k in ("text", "source", "itm")} for c in caps if c["kept"]]
             else:  # human data passes through
                 caps = None
-                given = s["json"].get("captions") or [{"text": s["text"]}]
-                kept = [{"text": c["text"], "source": "human", "itm": None} for c in given]
+                kept = [{"text": t, "source": "human", "itm": None} for t in captions_of(s)]
                 counts["human"]["in"] += len(kept)
                 counts["human"]["kept"] += len(kept)
             if len(examples) < report.EXAMPLES_PER_SHARD:

@@ -57,7 +57,12 @@ def load_model(
     image_size: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Loaded:
-    """Load a model from any supported source; `image_size` interpolates the position embeddings."""
+    """Load a model from any supported source; `image_size` interpolates the position embeddings.
+
+    LM heads: a checkpoint whose head (text_decoder.cls.predictions.decoder.weight) differs from the word
+    embeddings (.pth, or HF with tie_word_embeddings false) loads UNTIED (config.tie_lm_head = False) and
+    generates exactly as it was trained; a native config that says tied over weights that differ is refused
+    (InputError). A head is never tied silently."""
     src = str(source)
     p = Path(src).expanduser()
     if p.is_dir():
@@ -66,10 +71,14 @@ def load_model(
     elif p.is_file():
         kind = "pth"
         model, tok = _load_pth(p, tokenizer)
-    elif _looks_like_hub_id(src):
+    elif _looks_like_hub_id(src) and not _looks_local(p):
         return load_model(_download(src), tokenizer, image_size, device)
     else:
-        raise InputError(f"model source not found: {src} (expected a checkpoint directory, a .pth file or a hub id)")
+        where = f"; {p.parent} exists but holds no {p.name!r}" if p.parent != Path(".") and p.parent.is_dir() else ""
+        raise InputError(
+            f"model source not found: {src}: no such file or directory{where} "
+            f"(expected a checkpoint directory, a .pth file or a Hugging Face hub id such as {DEFAULT_CAPTIONER})"
+        )
     if tokenizer is not None and kind != "pth":
         tok = Tokenizer.from_pretrained(tokenizer)
     _check_vocab(model, tok, src)
@@ -85,13 +94,20 @@ def detect_dir_kind(p: Path) -> str:
     cfg = _read_json(cfg_path)
     if cfg.get("format") == FORMAT:
         return FORMAT
-    if cfg.get("model_type") == "blip" or any(a.startswith("Blip") for a in cfg.get("architectures") or []):
+    archs = cfg.get("architectures") if isinstance(cfg.get("architectures"), list) else []
+    if cfg.get("model_type") == "blip" or any(str(a).startswith("Blip") for a in archs):
         return "hf"
     raise InputError(f"{cfg_path}: not a BLIP config (model_type={cfg.get('model_type')!r})")
 
 
 def _looks_like_hub_id(s: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not s.startswith((".", "/"))
+
+
+def _looks_local(p: Path) -> bool:
+    """A missing path that is surely meant as a local one, not a hub id `owner/name`: a checkpoint file name
+    (`runs/x.pth`), or one whose first directory exists here (`runs/modle` mistyped, with `runs/` present)."""
+    return p.suffix.lower() in (".pth", ".pt", ".bin", ".safetensors", ".json") or Path(p.parts[0]).is_dir()
 
 
 def _download(repo_id: str) -> str:
@@ -169,20 +185,38 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_native(p: Path) -> tuple[BLIP, Tokenizer]:
-    from safetensors.torch import load_file
-
     meta = _read_json(p / "config.json")
-    cfg = BlipConfig.from_dict(meta["model"])
+    if not isinstance(meta.get("model"), dict):
+        raise InputError(f"{p / 'config.json'}: no 'model' object (the model config of a blipctl checkpoint)")
+    try:
+        cfg = BlipConfig.from_dict(meta["model"])
+    except InputError as e:
+        raise InputError(f"{p / 'config.json'}: bad model config: {e}") from None
     model = BLIP(cfg)
     weights = p / "model.safetensors"
     if not weights.exists():
         raise InputError(f"{p}: missing model.safetensors")
-    load_weights(model, load_file(str(weights)), str(weights))
+    load_weights(model, read_safetensors(weights), str(weights))
     return model, Tokenizer.from_pretrained(p)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or garbage file is an InputError naming it (not a parser error)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean "not a readable weights file"
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError(f"{path}: not a readable safetensors file (truncated or corrupt?): {detail}") from None
 
 
 def load_weights(model: BLIP, sd: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
     """Load a state dict in original/native names; shared (tied) tensors may be present once or twice."""
+    if LM_DECODER_BIAS in sd:
+        # the original head adds decoder.bias: under transformers 4 the same tensor as cls.predictions.bias, under 5
+        # the only one resize_token_embeddings grows (BLIP_Pretrain there saves a stale 30522-long .bias)
+        sd = {**sd, "text_decoder.cls.predictions.bias": sd[LM_DECODER_BIAS]}
     sd = {k: v for k, v in sd.items() if not _TRAINING_KEYS.search(k)}
     pe = "visual_encoder.pos_embed"
     if pe in sd and sd[pe].shape != model.visual_encoder.pos_embed.shape:
@@ -191,6 +225,7 @@ def load_weights(model: BLIP, sd: dict[str, torch.Tensor], where: str, strict: b
     shape_bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if shape_bad:
         raise InputError(f"{where}: shape mismatch for {', '.join(shape_bad[:5])}")
+    _check_lm_head(model, sd, where)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # a tied tensor needs loading under only one of its names
     missing = [k for k in missing if not _loaded_through_alias(model, k, sd)]
@@ -199,6 +234,32 @@ def load_weights(model: BLIP, sd: dict[str, torch.Tensor], where: str, strict: b
         raise InputError(
             f"{where}: weights do not match the model (missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
             f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+
+
+LM_HEAD = "text_decoder.cls.predictions.decoder.weight"
+LM_DECODER_BIAS = "text_decoder.cls.predictions.decoder.bias"
+DEC_EMBED = "text_decoder.bert.embeddings.word_embeddings.weight"
+
+
+def lm_head_untied(sd: dict[str, torch.Tensor], embed_key: str = DEC_EMBED) -> bool:
+    """True when a state dict carries an LM head matrix that differs from the decoder's word embeddings."""
+    return LM_HEAD in sd and embed_key in sd and not _tensors_equal(sd, LM_HEAD, embed_key)
+
+
+def _check_lm_head(model: BLIP, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Never tie silently: a model whose head IS its word embeddings cannot take a checkpoint where they differ
+    (loading would keep whichever tensor came last). Loaders build such checkpoints with tie_lm_head=False."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    head = params.get(LM_HEAD)
+    if head is None or LM_HEAD not in sd:
+        return
+    aliases = [k for k, p in params.items() if p is head and k != LM_HEAD and k in sd]
+    if any(not _tensors_equal(sd, LM_HEAD, k) for k in aliases):
+        raise InputError(
+            f"{where}: the LM head ({LM_HEAD}) differs from the word embeddings ({aliases[0]}), but the model "
+            f"config ties them (tie_lm_head = true). Set tie_lm_head = false in the model config to load the "
+            f"head as it is; blipctl never ties an untied head silently"
         )
 
 
@@ -317,7 +378,13 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], heads: dict[str, int] | 
     )
     embed = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in sd else 256
     return BlipConfig(
-        vision=vision, text=text, embed_dim=embed, text_encoder=has_enc, text_decoder=has_dec, share_text=bool(shared)
+        vision=vision,
+        text=text,
+        embed_dim=embed,
+        text_encoder=has_enc,
+        text_decoder=has_dec,
+        share_text=bool(shared),
+        tie_lm_head=not (has_dec and lm_head_untied(sd)),
     )
 
 
@@ -326,7 +393,11 @@ def _tensors_equal(sd: dict, a: str, b: str) -> bool:
 
 
 def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
-    """--tokenizer SRC, else tokenizer files beside the .pth, else bert-base-uncased (+[DEC]/[ENC])."""
+    """`tokenizer`, else tokenizer files beside the .pth, else bert-base-uncased (+[DEC]/[ENC]) from the network or
+    the Hugging Face cache. Offline and uncached, transformers 5 returns a 5-token BERT tokenizer without an error:
+    refused here, since it decodes every caption to an empty string."""
+    from blip.tokenizer import SPECIALS
+
     if tokenizer:
         return Tokenizer.from_pretrained(tokenizer)
     for cand in (p.parent / p.stem, p.parent):
@@ -335,19 +406,91 @@ def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
     try:
         from transformers import BertTokenizer
 
-        return Tokenizer(BertTokenizer.from_pretrained("bert-base-uncased"))
-    except Exception:  # noqa: BLE001
+        hf = BertTokenizer.from_pretrained("bert-base-uncased")
+    except Exception:  # noqa: BLE001 - no network, no cache, a broken cache: the same way out
+        hf = None
+    if hf is None or len(hf) <= len(SPECIALS):
         raise InputError(
-            f"{p} carries no tokenizer and bert-base-uncased could not be fetched (no network?). Pass "
-            f"tokenizer (a directory with vocab.txt or tokenizer.json), or put vocab.txt beside the .pth",
+            f"tokenizer: {p} carries no vocabulary (no vocab.txt or tokenizer.json beside it) and bert-base-uncased "
+            f"is not available (no network and not in the Hugging Face cache). Pass the one the model was trained "
+            f"with as tokenizer (a directory with vocab.txt or tokenizer.json), or put vocab.txt beside the .pth",
             param="tokenizer",
-        ) from None
+        )
+    return Tokenizer(hf)
 
 
-def save_pth(model: BLIP, path: str | os.PathLike) -> None:
-    """Export in the original format: `{"model": state_dict}` with the original key names."""
-    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+PTH_TASKS = ("auto", "caption", "itm", "retrieval", "pretrain")
+ORIGINAL_QUEUE_SIZE = 57600
+"""queue_size of the original retrieval and pre-training configs: their loaders drop a queue of another shape."""
+
+
+def original_state_dict(
+    model: BLIP, task: str = "auto", queue_size: int = ORIGINAL_QUEUE_SIZE, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The model's weights under the full key list of the original code's model for `task`, so that its loaders
+    (which assert no missing keys, or load strictly when resuming pre-training) accept them:
+
+    - caption  = models.blip.BLIP_Decoder: visual_encoder, text_decoder
+    - itm      = models.blip_itm.BLIP_ITM: visual_encoder, text_encoder, vision_proj, text_proj, itm_head
+    - retrieval = models.blip_retrieval.BLIP_Retrieval: itm + temp, the momentum copies (*_m), image_queue,
+      text_queue (embed_dim, queue_size), idx_queue, ptr_queue
+    - pretrain = models.blip_pretrain.BLIP_Pretrain: retrieval's without idx_queue/ptr_queue, + queue_ptr and
+      the text_decoder
+    - auto: pretrain for a model with both text towers, caption for a captioner, retrieval for a filter
+
+    Besides the weights, the original lists buffers and aliases a blipctl model does not keep: every text
+    tower's `embeddings.position_ids` (0..max_positions-1), the LM head's `decoder.bias` (the same tensor as
+    `cls.predictions.bias`). The momentum copies are the online weights (the original's copy_params() at the
+    start of training); the queues are random unit vectors (seeded), as the original initialises them.
+    Returns (state dict, task).
+    """
+    c = model.config
+    if task == "auto":
+        task = "pretrain" if c.text_encoder and c.text_decoder else "caption" if c.text_decoder else "retrieval"
+    if task not in PTH_TASKS:
+        raise InputError(f"task must be one of {', '.join(PTH_TASKS)}, not {task!r}")
+    if task in ("caption", "pretrain") and not c.text_decoder:
+        raise InputError(f"task {task!r} needs a model with a text decoder (this one is a retrieval/filter model)")
+    if task != "caption" and not c.text_encoder:
+        raise InputError(f"task {task!r} needs a model with a text encoder (this one is a captioner)")
+    enc = ("visual_encoder.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
+    keep = {
+        "caption": ("visual_encoder.", "text_decoder."),
+        "itm": enc,
+        "retrieval": (*enc, "temp"),
+        "pretrain": (*enc, "temp", "text_decoder."),
+    }[task]
+    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if k.startswith(keep) and not v.is_meta}
+    sd.update({k: v for k, v in model.state_dict().items() if k.startswith(keep) and v.is_meta})  # shapes only
+    position_ids = torch.arange(c.text.max_positions).unsqueeze(0)  # (1, max_positions), the original's buffer
+    if "text_decoder." in keep:
+        sd["text_decoder.bert.embeddings.position_ids"] = position_ids
+        sd["text_decoder.cls.predictions.decoder.bias"] = sd["text_decoder.cls.predictions.bias"]
+    if "text_encoder." in keep:
+        sd["text_encoder.embeddings.position_ids"] = position_ids
+    if task in ("retrieval", "pretrain"):
+        for k in [k for k in sd if k.startswith(("visual_encoder.", "vision_proj.", "text_encoder.", "text_proj."))]:
+            head, rest = k.split(".", 1)
+            sd[f"{head}_m.{rest}"] = sd[k]
+        g = torch.Generator().manual_seed(seed)
+        for name in ("image_queue", "text_queue"):
+            sd[name] = torch.nn.functional.normalize(torch.randn(c.embed_dim, queue_size, generator=g), dim=0)
+        if task == "retrieval":
+            sd["idx_queue"] = torch.full((1, queue_size), -100, dtype=torch.long)
+            sd["ptr_queue"] = torch.zeros(1, dtype=torch.long)
+        else:
+            sd["queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    return sd, task
+
+
+def save_pth(model: BLIP, path: str | os.PathLike, task: str = "auto", queue_size: int = ORIGINAL_QUEUE_SIZE) -> str:
+    """Export in the original format, `{"model": state_dict}`, loadable by the original code's loaders for `task`
+    (see original_state_dict); blipctl's own config rides along under `blipctl_config`. Returns the task."""
+    if Path(path).is_dir():
+        raise InputError(f"out: {path} is a directory; the pth format needs a .pth file path (e.g. {path}/model.pth)")
+    sd, task = original_state_dict(model, task, queue_size)
     atomic_torch_save({"model": sd, "blipctl_config": model.config.to_dict()}, Path(path))
+    return task
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -397,22 +540,31 @@ def native_to_hf_key(k: str) -> str:
 
 
 def _read_json(p: Path) -> dict:
+    """A JSON object from a file; invalid JSON, another type or an unreadable file is an InputError naming it."""
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}: invalid JSON ({e})") from None
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, nested too deeply
+        raise InputError(f"{p}: invalid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    except OSError as e:
+        raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _read_hf_weights(p: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if (p / "model.safetensors").exists():
-        return load_file(str(p / "model.safetensors"))
+        return read_safetensors(p / "model.safetensors")
     index = p / "model.safetensors.index.json"
     if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise InputError(f"{index}: no 'weight_map' of tensor name -> file")
         sd = {}
-        for f in sorted(set(_read_json(index)["weight_map"].values())):
-            sd.update(load_file(str(p / f)))
+        for f in sorted(set(weight_map.values())):
+            if Path(f).name != f:
+                raise InputError(f"{index}: weight file {f!r} is not a file name in {p}")
+            sd.update(read_safetensors(p / f))
         return sd
     if (p / "pytorch_model.bin").exists():
         return read_pth(p / "pytorch_model.bin")
@@ -454,6 +606,14 @@ def _load_hf(p: Path) -> tuple[BLIP, Tokenizer]:
         if act != "gelu":
             raise InputError(f"{p}: hidden_act {act!r} is not supported (BLIP uses gelu)")
     tok = Tokenizer.from_pretrained(p)
+    sd = {}
+    for k, v in _read_hf_weights(p).items():
+        nk = hf_to_native_key(k)
+        if nk is not None:
+            sd[nk] = v
+    # transformers ties the head unless tie_word_embeddings is false (top level or text_config); a head that differs
+    # from the embeddings is kept as it is either way
+    hf_untied = hf.get("tie_word_embeddings") is False or tc.get("tie_word_embeddings") is False
     cfg = BlipConfig(
         vision=vision,
         text=text,
@@ -466,12 +626,8 @@ def _load_hf(p: Path) -> tuple[BLIP, Tokenizer]:
         bos_token_id=tc.get("bos_token_id", d.bos_token_id),
         cls_token_id=tok.cls_id,
         enc_token_id=tok.enc_id,
+        tie_lm_head=not (has_dec and (hf_untied or lm_head_untied(sd))),
     )
-    sd = {}
-    for k, v in _read_hf_weights(p).items():
-        nk = hf_to_native_key(k)
-        if nk is not None:
-            sd[nk] = v
     model = BLIP(cfg)
     load_weights(model, sd, str(p))
     return model, tok
@@ -519,7 +675,9 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
             layer_norm_eps=v.layer_norm_eps,
         ),
         image_text_hidden_size=c.embed_dim,
+        tie_word_embeddings=c.tie_lm_head,
     )
+    hf_cfg.text_config.tie_word_embeddings = c.tie_lm_head
     hf_cfg.architectures = [arch]
     keep = (
         ("visual_encoder.", "text_decoder.")
@@ -530,8 +688,8 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
     for k, val in model.state_dict().items():
         if k.startswith(keep):
             sd[native_to_hf_key(k)] = val.detach().cpu().clone().contiguous()
-    if task == "caption":
-        sd.pop("text_decoder.cls.predictions.decoder.weight", None)  # tied to the word embeddings in HF too
+    if task == "caption" and c.tie_lm_head:
+        sd.pop(LM_HEAD, None)  # tied to the word embeddings in HF too
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -57,6 +57,10 @@ class BlipConfig:
     """Build the image-grounded text decoder (LM head): needed for captioning."""
     share_text: bool = True
     """Encoder and decoder share everything except self-attention (the paper's best setting)."""
+    tie_lm_head: bool = True
+    """The LM head (`text_decoder.cls.predictions.decoder.weight`) is the decoder's word-embedding matrix, as in
+    every released BLIP model. False keeps a separate head matrix: what the original code built under
+    transformers 5 trains (it no longer ties), and what loading such a checkpoint gives (never silently tied)."""
     pad_token_id: int = 0
     cls_token_id: int = 101
     sep_token_id: int = 102

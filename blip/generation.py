@@ -11,10 +11,12 @@ token-identical to transformers' on the same weights. Lengths count the prompt t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from blip.errors import InputError
 from blip.model.blip import BLIP
 
 NEG = -1.0e9
@@ -35,6 +37,37 @@ class GenerationConfig:
     length_penalty: float = 1.0
     num_return_sequences: int = 1
     """Captions per image: sampled independently, or the best beams."""
+
+    def __post_init__(self) -> None:
+        """Refuse values that crash or silently mean something else (top_p 0 sampled NaNs; top_p 2 acted as 1)."""
+        check_range("num_beams", self.num_beams, low=1)
+        check_range("max_length", self.max_length, low=1)
+        check_range("min_length", self.min_length, low=0)
+        if self.min_length > self.max_length:
+            raise InputError(f"min_length: must not exceed max_length ({self.max_length}), got {self.min_length}")
+        check_range("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_range("top_k", self.top_k, low=0)
+        check_range("temperature", self.temperature, low=0.0, low_open=True)
+        check_range("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        check_range("length_penalty", self.length_penalty)
+        check_range("num_return_sequences", self.num_return_sequences, low=0)
+
+
+def check_range(
+    name: str, value: float, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
+    """InputError naming `name` unless `value` is a finite number in [low, high] (or (low, high] with low_open)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InputError(f"{name}: must be a finite number, got {value!r}", param=name)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        if high is None:
+            want = f"above {low:g}" if low_open else f"at least {low:g}"
+        elif low is None:
+            want = f"at most {high:g}"
+        else:
+            want = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise InputError(f"{name}: must be {want}, got {value!r}", param=name)
 
 
 class _Decoder:

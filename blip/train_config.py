@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -209,6 +210,12 @@ def build_config(task: str, d: dict[str, Any] | None = None) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Range checks that types alone cannot express; messages name the key."""
+    for section in ("model", "data", "optim", "loss", "train"):  # nan passes every `<` check below: refuse it first
+        args = getattr(cfg, section)
+        for f in dataclasses.fields(args):
+            v = getattr(args, f.name)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, list) else [v])):
+                raise InputError(f"{section}.{f.name}: must be a finite number, got {v}")
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.text_length": cfg.data.text_length,

@@ -13,7 +13,6 @@ order, texts = all captions flattened, img2txt[i] = that image's caption indices
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from blip.data.images import to_rgb
+from blip.data.images import BadSample, decode_image
 from blip.data.shards import SampleStats, captions_of, expand_shards, iter_shard, sample_image_id
 from blip.data.text import pre_caption
 from blip.errors import InputError
@@ -89,17 +88,19 @@ class EvalSet:
         return len(self.images)
 
     def load_image(self, i: int) -> Image.Image:
+        """Decoded with the shard reader's checks: a decompression bomb or a corrupt file is an InputError naming
+        the image and the reason (absurd_size, undecodable_image, ...), never a huge allocation or a traceback."""
         src = self.images[i]
+        where = src if isinstance(src, str) else "from a shard"
         try:
             if not isinstance(src, bytes | bytearray):
                 with open(src, "rb") as f:
                     src = f.read()
-            im = Image.open(io.BytesIO(src))
-            im.load()
-            return to_rgb(im)
+            return decode_image(bytes(src))
         except OSError as e:
-            where = self.images[i] if isinstance(self.images[i], str) else "from a shard"
             raise InputError(f"{self.name}: cannot read image {i} ({where}): {e}") from None
+        except BadSample as e:
+            raise InputError(f"{self.name}: image {i} ({where}): {e.reason} ({e.detail})") from None
 
 
 # ---- eval sets ---------------------------------------------------------------------------------------------------
@@ -151,10 +152,19 @@ def _find_gt(root: Path, dataset: str, split: str) -> Path | None:
 def _read_json_list(path: Path) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: cannot read annotation JSON: {e}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InputError(f"{path}: cannot read annotation JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) and "image" in r for r in data):
         raise InputError(f"{path}: expected a list of records with an 'image' field, e.g. [{{'image', 'caption'}}]")
+    for i, r in enumerate(data):
+        image, caps = r["image"], r.get("caption", [])
+        if not isinstance(image, str) or not image:
+            raise InputError(f"{path}: record {i}: 'image' must be a file path (a string), got {image!r:.80}")
+        if not isinstance(caps, str) and not (isinstance(caps, list) and all(isinstance(c, str) for c in caps)):
+            raise InputError(
+                f"{path}: record {i} (image {image!r}): 'caption' must be a string or a list of strings, "
+                f"got {caps!r:.80}"
+            )
     return data
 
 

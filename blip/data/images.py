@@ -6,10 +6,14 @@ Kept free of torch so that shard tools (and the demo world's worker processes) s
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from blip.errors import InputError
 
 MIN_SIDE = 4
 MAX_ASPECT = 30.0
@@ -86,3 +90,22 @@ def decode_image(data: bytes) -> Image.Image:
         return to_rgb(img)
     except Exception as e:  # noqa: BLE001
         raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from None
+
+
+def load_image_file(path: str | os.PathLike, param: str = "image") -> Image.Image:
+    """One image file -> RGB image, with decode_image's checks; anything else (a missing path, a directory, a
+    shard, a non-image, a decompression bomb) is an InputError naming `param` and the file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise InputError(f"{param}: {p} is a directory; expected one image file", param=param)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{param}: {p}: no such file", param=param) from None
+    except OSError as e:
+        raise InputError(f"{param}: cannot read {p}: {e.strerror or e}", param=param) from None
+    try:
+        return decode_image(data)
+    except BadSample as e:
+        hint = " (a webdataset shard: pass one image file)" if p.suffix.lower() == ".tar" else ""
+        raise InputError(f"{param}: {p} is not a usable image{hint}: {e.reason} ({e.detail})", param=param) from None

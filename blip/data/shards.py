@@ -165,6 +165,20 @@ def captions_of(sample: Mapping[str, Any]) -> list[str]:
     return texts or [sample["text"]]
 
 
+def _scene_problem(scene: Any) -> str | None:
+    """What is wrong with a json.scene (the demo world's record of an image, which CapFilt checks captions
+    against), or None: an object whose `objects` is a list of objects with string color, shape, size, position."""
+    if not isinstance(scene, dict):
+        return f"json.scene: expected an object, got {type(scene).__name__}"
+    objects = scene.get("objects", [])
+    fields = ("color", "shape", "size", "position")
+    if not isinstance(objects, list) or not all(
+        isinstance(o, dict) and all(isinstance(o.get(f), str) for f in fields) for o in objects
+    ):
+        return "json.scene.objects: expected a list of objects with string color, shape, size and position"
+    return None
+
+
 def _validate(group: dict[str, bytes | int], decode: bool) -> dict[str, Any]:
     """A raw member group -> sample fields, or BadSample. Cheap checks (text) run before the image decode."""
     meta: dict = {}
@@ -175,8 +189,12 @@ def _validate(group: dict[str, bytes | int], decode: bool) -> dict[str, Any]:
             raise BadSample("bad_utf8", f"json: {e}") from None
         except ValueError as e:
             raise BadSample("bad_json", str(e)) from None
+        except RecursionError:  # nested deeper than the parser's recursion limit
+            raise BadSample("bad_json", "nested too deeply") from None
         if not isinstance(meta, dict):
             raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")
+        if "scene" in meta and (problem := _scene_problem(meta["scene"])):
+            raise BadSample("bad_json", problem)
     candidates = _caption_texts(meta)
     if "txt" in group:
         try:
@@ -224,6 +242,32 @@ def iter_shard(
     checked nor counted): how several readers share a shard.
     """
     path = os.fspath(path)
+    for key, index, group in iter_groups(path, stats, strict, read_images=decode, subset=subset):
+        try:
+            sample = _validate(group, decode)
+        except BadSample as e:
+            _reject(stats, strict, f"{path}: sample {key!r}", e.reason, e.detail)
+            continue
+        stats.good += 1
+        yield {"key": key, **sample, "shard": path, "index": index}
+
+
+def iter_groups(
+    path: str | os.PathLike,
+    stats: SampleStats,
+    strict: bool = False,
+    *,
+    read_images: bool = True,
+    subset: tuple[int, int] | None = None,
+) -> Iterator[tuple[str, int, dict[str, bytes | int]]]:
+    """The raw member groups of ONE tar, unvalidated: `(key, position in the shard, {ext: bytes})`.
+
+    Shard-level damage is counted in `stats` as iter_shard does (missing_shard, unreadable_shard, truncated_tar:
+    the group being read when the tar ended is not yielded); the samples themselves are neither checked nor
+    counted. read_images=False stores an image member's size (an int) instead of its bytes. For tools that
+    look at samples iter_shard would reject (blip.data.stats).
+    """
+    path = os.fspath(path)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below; the generator may be abandoned
     except FileNotFoundError:
@@ -242,16 +286,8 @@ def iter_shard(
         key: str | None = None
         group: dict[str, bytes | int] = {}
 
-        def finish() -> Iterator[dict[str, Any]]:
-            if subset is not None and index % subset[0] != subset[1]:
-                return
-            try:
-                sample = _validate(group, decode)
-            except BadSample as e:
-                _reject(stats, strict, f"{path}: sample {key!r}", e.reason, e.detail)
-                return
-            stats.good += 1
-            yield {"key": key, **sample, "shard": path, "index": index}
+        def owned(i: int) -> bool:
+            return subset is None or i % subset[0] == subset[1]
 
         damage = None
         while True:
@@ -265,11 +301,10 @@ def iter_shard(
                     continue
                 mkey, ext = m.group(1), m.group(2).lower()
                 if mkey != key:
-                    if key is not None:
-                        yield from finish()
+                    if key is not None and owned(index):
+                        yield key, index, group
                     key, group, index = mkey, {}, index + 1
-                owned = subset is None or index % subset[0] == subset[1]
-                if owned and (decode or ext not in IMAGE_EXTS):
+                if owned(index) and (read_images or ext not in IMAGE_EXTS):
                     fobj = tf.extractfile(member)
                     group[ext] = fobj.read() if fobj is not None else b""
                 else:
@@ -280,8 +315,8 @@ def iter_shard(
         if damage is not None:
             where = f"{path}: at sample {key!r}" if key is not None else path
             _reject(stats, strict, where, "truncated_tar", damage)
-        elif key is not None:
-            yield from finish()
+        elif key is not None and owned(index):
+            yield key, index, group
 
 
 def _end_damage(f: Any, tf: tarfile.TarFile) -> str | None:

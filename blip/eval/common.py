@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from blip.distributed import my_batches
+from blip.errors import InputError
 
 ProgressFn = Callable[[str, int, int], None]
 """`progress(stage, advance, total)`: `advance` more units of `stage` are done, out of this rank's `total`.
@@ -57,8 +58,14 @@ def image_batches(
     idx = [i for r in batches for i in r]
     # every batch but the very last is full, so re-batching this rank's indices gives back the same batches
     loader = DataLoader(Subset(images, idx), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    for r, px in zip(batches, loader, strict=True):
-        yield r, px
+    try:
+        for r, px in zip(batches, loader, strict=True):
+            yield r, px
+    except InputError as e:  # from a worker process, torch puts the worker's traceback into the message: drop it
+        msg = str(e)
+        if "Traceback" in msg:
+            msg = msg.strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
+        raise InputError(msg) from None
 
 
 def use_autocast(device: torch.device, requested: bool | None = None) -> bool:

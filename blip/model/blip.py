@@ -42,10 +42,10 @@ class BLIP(nn.Module):
             self.itm_head = nn.Linear(th, 2)
             self.temp = nn.Parameter(torch.tensor(0.07))
         if cfg.text_decoder:
-            self.text_decoder = BertLMHeadModel(cfg.text, vw)
+            self.text_decoder = BertLMHeadModel(cfg.text, vw, tie_lm_head=cfg.tie_lm_head)
         self._init_text_weights()
         if self.shares_text:
-            tie_encoder_decoder(self.text_encoder, self.text_decoder)
+            tie_encoder_decoder(self.text_encoder, self.text_decoder, cfg.tie_lm_head)
 
     @property
     def shares_text(self) -> bool:
@@ -116,7 +116,7 @@ class BLIP(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def tie_encoder_decoder(encoder: BertModel, decoder: BertLMHeadModel) -> None:
+def tie_encoder_decoder(encoder: BertModel, decoder: BertLMHeadModel, tie_lm_head: bool = True) -> None:
     """Share embeddings, cross-attention and FFN between encoder and decoder; keep self-attention separate.
 
     This is the paper's best setting ("all except SA", 252M parameters for ViT-B). The state dict still lists
@@ -128,4 +128,5 @@ def tie_encoder_decoder(encoder: BertModel, decoder: BertLMHeadModel) -> None:
         d.crossattention = e.crossattention
         d.intermediate = e.intermediate
         d.output = e.output
-    decoder.cls.predictions.decoder.weight = encoder.embeddings.word_embeddings.weight
+    if tie_lm_head:
+        decoder.cls.predictions.decoder.weight = encoder.embeddings.word_embeddings.weight

@@ -222,7 +222,7 @@ class PredictionHeadTransform(nn.Module):
 
 
 class LMPredictionHead(nn.Module):
-    """`cls.predictions`: transform, then the decoder whose weight is tied to the word embeddings."""
+    """`cls.predictions`: transform, then the decoder (its weight usually tied to the word embeddings)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -241,13 +241,15 @@ class OnlyMLMHead(nn.Module):
 
 
 class BertLMHeadModel(nn.Module):
-    """`text_decoder`: a causal BertModel (`bert`) plus the LM head (`cls`)."""
+    """`text_decoder`: a causal BertModel (`bert`) plus the LM head (`cls`), tied to the word embeddings unless
+    `tie_lm_head=False` (a separate head matrix, for checkpoints trained that way)."""
 
-    def __init__(self, cfg: TextConfig, encoder_width: int):
+    def __init__(self, cfg: TextConfig, encoder_width: int, tie_lm_head: bool = True):
         super().__init__()
         self.bert = BertModel(cfg, encoder_width, causal=True)
         self.cls = OnlyMLMHead(cfg)
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        if tie_lm_head:
+            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.cls.predictions(hidden)  # (B, L, V)

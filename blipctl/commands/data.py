@@ -1,4 +1,5 @@
-"""`blipctl data ...`: make and convert datasets (the synthetic demo world; annotation JSON to shards).
+"""`blipctl data ...`: make, convert and inspect datasets (the synthetic demo world; annotation JSON to shards;
+shard statistics).
 
 `run_demo` and `run_from_json` are plain functions (keyword arguments, return the summary) so the recipe runner
 can call them in-process; the Typer commands wrap them and print a table.
@@ -12,10 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
-from blipctl._common import err, guarded, out, progress
+from blipctl._common import err, guarded, out, print_json_line, progress
 
 app = typer.Typer(
-    help="Make and convert datasets: the synthetic demo world, annotation JSON to shards.",
+    help="Make, convert and inspect datasets: the synthetic demo world, annotation JSON to shards, shard stats.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -131,6 +132,78 @@ def from_json(
         why = ", ".join(f"{v} {k}" for k, v in bad.items() if k not in ("good", "bad"))
         err.print(f"[yellow]skipped {bad['bad']} images: {why}[/]")
     err.print(f"[dim]{s['seconds']:.1f} s; summary {Path(out_dir) / 'from_json.json'}[/]")
+
+
+@app.command("stats")
+@guarded
+def stats(
+    shards: Annotated[
+        list[str], typer.Argument(help="Shards: a directory, a glob, a brace pattern (a/{00000..00099}.tar), files.")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")] = False,
+) -> None:
+    """Inspect a shard set before training or CapFilt on it: samples, images by format and size, captions per
+    sample and their length in words, bad samples by reason. img2dataset's `<shard>_stats.json` files, when they
+    sit beside the shards, are summed: download successes and failures, with the commonest error messages.
+
+    Image-only samples (an image, no txt and no json.captions: img2dataset without a caption column) are counted
+    apart, not as bad. Every image is decoded, so this reads the whole data set once.
+
+    Examples:
+
+      blipctl data stats data/demo/web
+
+      blipctl data stats "laion/{00000..00099}.tar" --json > laion_stats.json
+    """
+    from blip.data import stats as shard_stats
+
+    bar, update = _bar("stats")
+    with bar:
+        s = shard_stats(shards, on_progress=update)
+    if as_json:
+        print_json_line(s)
+        return
+    from rich.table import Table
+
+    t = Table("", "count", title=f"{s['shards']} shards", show_header=False)
+    t.add_row("samples", str(s["samples"]))
+    t.add_row("usable for training", str(s["usable"]))
+    t.add_row("image-only (no caption)", str(s["image_only"]))
+    t.add_row("bad (skipped)", str(sum(s["bad"].values())))
+    for reason, n in s["bad"].items():
+        t.add_row(f"  {reason}", str(n))
+    out.print(t)
+    img, cap = s["images"], s["captions"]
+    t = Table("images", "count", title=f"{img['count']} images")
+    for name, d in (("format", img["by_format"]), ("shorter side", img["by_short_side"])):
+        for k, n in d.items():
+            t.add_row(f"{name}: {k}", str(n))
+    for axis in ("width", "height"):
+        if img[axis]:
+            w = img[axis]
+            t.add_row(f"{axis} min / median / max", f"{w['min']} / {w['median']:g} / {w['max']}")
+    out.print(t)
+    t = Table("captions", "count", title=f"{cap['count']} captions")
+    for k, n in cap["per_sample"].items():
+        t.add_row(f"samples with {k} caption{'' if k == '1' else 's'}", str(n))
+    for k, n in cap["by_words"].items():
+        t.add_row(f"length {k}", str(n))
+    if cap["words"]:
+        w = cap["words"]
+        t.add_row("words min / median / mean / max", f"{w['min']} / {w['median']:g} / {w['mean']} / {w['max']}")
+    out.print(t)
+    i2d = s["img2dataset"]
+    if i2d:
+        t = Table("img2dataset", "count", title=f"img2dataset download ({i2d['stats_files']} stats files)")
+        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            t.add_row(k, str(i2d[k]))
+        for msg, n in i2d["failures"].items():
+            t.add_row(f"  {msg}", str(n))
+        if i2d.get("other_failures"):
+            t.add_row("  (other messages)", str(i2d["other_failures"]))
+        out.print(t)
+        for u in i2d.get("unreadable", []):
+            err.print(f"[yellow]unreadable img2dataset stats file: {u}[/]", highlight=False)
 
 
 def register(parent: typer.Typer) -> None:

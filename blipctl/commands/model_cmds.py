@@ -141,12 +141,18 @@ def export(
         str,
         typer.Option(
             help="For hf: caption (BlipForConditionalGeneration), retrieval (BlipForImageTextRetrieval) "
-            "or auto (caption if the model has a decoder)."
+            "or auto (caption if the model has a decoder). For pth, the original model whose full key list to "
+            "write: caption (blip_decoder), itm (blip_itm), retrieval (blip_retrieval: + momentum copies and "
+            "queues), pretrain (blip_pretrain) or auto (pretrain with both text towers, else caption/retrieval)."
         ),
     ] = "auto",
     tokenizer: TokenizerOpt = None,
 ) -> None:
     """Convert a checkpoint: to a transformers BLIP directory, to an original-style .pth, or to blipctl format.
+
+    A .pth export carries every key the original salesforce/BLIP model lists (position_ids buffers, the LM head's
+    decoder.bias alias, momentum copies and queues for retrieval/pretrain), so the original loaders accept it. A
+    model with an untied LM head (tie_lm_head = false) is exported untied, also to hf (tie_word_embeddings false).
 
     Examples:
       blipctl export --model runs/captioner --format hf --out hf-captioner
@@ -160,8 +166,8 @@ def export(
         path, arch = export_hf(loaded.net, loaded.tokenizer, out, task=task)
         err.print(f"wrote {arch} to {path}")
     elif fmt == "pth":
-        save_pth(loaded.net, out)
-        err.print(f"wrote original-format checkpoint {out}")
+        kind = save_pth(loaded.net, out, task=task)
+        err.print(f"wrote original-format checkpoint {out} ({kind} layout)")
     elif fmt == "blipctl":
         save_checkpoint(loaded.net, loaded.tokenizer, out)
         err.print(f"wrote blipctl checkpoint {out}")
