@@ -12,8 +12,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import make_images, sharpen, tiny_tokenizer
 from PIL import Image
-from tiny_models import make_images, sharpen, tiny_tokenizer
 from typer.testing import CliRunner
 
 from blip.capfilt import CapfiltConfig

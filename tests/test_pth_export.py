@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from braceexpand import braceexpand
-from tiny_models import hf_model, make_images, sharpen, tiny_tokenizer
+from helpers import hf_model, make_images, sharpen, tiny_tokenizer
 from typer.testing import CliRunner
 
 from blip.checkpoint import load_model, original_state_dict, save_checkpoint, save_pth
