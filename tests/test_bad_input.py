@@ -32,12 +32,14 @@ def cli(*args):
 
 
 def refused(r, *names: str) -> None:
-    """Exit 2, every name (a regex) in the message, no traceback."""
+    """Exit 2, every name (a regex) in the message, no traceback. A parameter name (`top_p`) may appear as the
+    command's flag (`--top-p`): the CLI speaks flags."""
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
     text = r.output.replace("\n", "")  # rich wraps long messages at the terminal width
     for n in names:
-        assert re.search(n, text), (n, r.output)
+        flag = "--" + n.replace("_", "-") if re.fullmatch(r"[a-z_]+", n) else n
+        assert re.search(n, text) or re.search(flag, text), (n, r.output)
 
 
 @pytest.fixture(scope="module")
