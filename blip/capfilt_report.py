@@ -20,8 +20,11 @@ OUTCOME = {(True, True): "tp", (False, True): "fp", (True, False): "fn", (False,
 
 
 def example(sample: dict, caps: list | None, kept: list, out_dir: Path, stats_dir: str) -> dict:
-    """A report row: a thumbnail file plus the texts, scores and decisions."""
-    thumb_rel = f"{stats_dir}/thumbs/{Path(sample['shard']).stem}_{sample['key']}.jpg"
+    """A report row: a thumbnail file plus the texts, scores and decisions.
+
+    The thumbnail is named by the sample's position in its shard, never by its key: a key is data from the input
+    and must not pick a path (the shard reader refuses unsafe keys too)."""
+    thumb_rel = f"{stats_dir}/thumbs/{Path(sample['shard']).stem}_{int(sample['index']):06d}.jpg"
     thumb = out_dir / thumb_rel
     thumb.parent.mkdir(parents=True, exist_ok=True)
     im = sample["image"].copy()

@@ -44,10 +44,28 @@ REASONS = {
     "empty_caption": "every caption is empty after cleaning (pre_caption)",
     "bad_utf8": "the caption or json is not valid UTF-8",
     "bad_json": "the json member is not a JSON object",
+    "unsafe_key": "the sample key is absolute or has '..', '.', empty parts, a backslash or a control character "
+    "(written out, it could name a file outside the output directory)",
 }
 """Why a sample (or a whole shard) is skipped; the keys are what SampleStats counts."""
 
 _NAME = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")  # webdataset's key/extension split: "dir/key.ext.s"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def unsafe_key(key: str) -> str | None:
+    """Why a sample key must not become a file or member name, or None when it is safe.
+
+    A key may hold "/" (webdataset's sub-directories inside a tar), but every part must be a plain name: no
+    "..", ".", empty part (so no leading "/"), backslash or control character (NUL included).
+    """
+    if not key:
+        return "empty key"
+    if _CONTROL.search(key):
+        return "a backslash or control character"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "an absolute path or a '.', '..' or empty part"
+    return None
 
 
 # ---- finding shards ----------------------------------------------------------------------------------------------
@@ -245,6 +263,8 @@ def iter_shard(
             if subset is not None and index % subset[0] != subset[1]:
                 return
             try:
+                if why := unsafe_key(key or ""):
+                    raise BadSample("unsafe_key", why)
                 sample = _validate(group, decode)
             except BadSample as e:
                 _reject(stats, strict, f"{path}: sample {key!r}", e.reason, e.detail)
@@ -316,6 +336,8 @@ def encode_sample(sample: Mapping[str, Any]) -> list[tuple[str, bytes]]:
     key = sample.get("__key__")
     if not isinstance(key, str) or not key or "." in key.rsplit("/", 1)[-1]:
         raise ValueError(f"bad sample __key__ {key!r}: a non-empty string without '.' in its last part")
+    if why := unsafe_key(key):  # never write a member name that extracts outside the directory
+        raise ValueError(f"unsafe sample __key__ {key!r}: {why}")
     members = []
     for ext in sorted(sample):
         if ext.startswith("_"):
