@@ -91,6 +91,22 @@ def assign_shards(shards: list[str], shard_index: int, num_shards: int, rank: in
     return [s for i, s in enumerate(sorted(shards)) if i % total == slot]
 
 
+def check_out_apart(inputs: str | list[str], shards: list[str], out_dir: Path) -> None:
+    """Refuse an output directory that holds an input shard, or lies in (or is) an input directory: the outputs
+    take the input shards' names, so they would overwrite them (or be read as inputs by the next run)."""
+    import os
+
+    out = out_dir.resolve()
+    for s in shards:
+        p = Path(s).resolve()
+        if out == p or out in p.parents:
+            raise InputError(f"out: {out_dir} holds the input shard {s}; the outputs would overwrite the inputs")
+    for spec in [inputs] if isinstance(inputs, str | os.PathLike) else inputs:
+        d = Path(os.path.expanduser(os.fspath(spec)))
+        if d.is_dir() and (out == d.resolve() or d.resolve() in out.parents):
+            raise InputError(f"out: {out_dir} is inside the input directory {spec}; choose an output elsewhere")
+
+
 def output_paths(out_dir: Path, shard: str) -> tuple[Path, Path]:
     name = Path(shard).name
     return out_dir / name, out_dir / STATS_DIR / (Path(name).stem + ".json")
@@ -348,6 +364,7 @@ def run(
         rank, world = info.rank, info.world_size
         shards = expand_shards(inputs)
         out_path = Path(out)
+        check_out_apart(inputs, shards, out_path)
         barrier(info)  # rank 0 may have just cleared `out` (a recipe rerun): every rank reads it after that
         out_path.mkdir(parents=True, exist_ok=True)
         mine = assign_shards(shards, shard_index, num_shards, rank, world)

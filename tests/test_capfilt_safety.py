@@ -85,3 +85,27 @@ def test_reader_counts_unsafe_keys(raw_tar, tmp_path):
     st = SampleStats()
     assert [s["key"] for s in iter_shard(p, st)] == ["k"]
     assert dict(st.bad) == {"unsafe_key": 1}
+
+
+@pytest.fixture
+def small_web(tmp_path):
+    d = tmp_path / "web"
+    for s in range(2):
+        rows = [{"__key__": f"k{s}{i}", "png": png(10 * s + i), "txt": "a red circle"} for i in range(3)]
+        write_shard(d / f"web-{s:05d}.tar", rows)
+    return d
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "holds_inputs", "glob_same"])
+def test_out_equal_to_or_inside_in_is_refused(models, small_web, where):
+    before = tree(small_web.parent)
+    inp, out = {
+        "same": (small_web, small_web),
+        "inside": (small_web, small_web / "clean"),
+        "holds_inputs": (small_web, small_web.parent),
+        "glob_same": (f"{small_web}/*.tar", small_web),
+    }[where]
+    r = capfilt(models, inp, out)
+    assert r.exit_code == 2, r.output
+    assert "out" in r.output and "input" in r.output
+    assert tree(small_web.parent) == before
