@@ -194,6 +194,20 @@ def _is_human(sample: dict) -> bool:
     return bool(caps) and all(isinstance(c, dict) and c.get("source") == "human" for c in caps)
 
 
+def _unique_keys(samples: Iterator[dict], bad: Any, strict: bool) -> Iterator[dict]:
+    """Skip and count (`duplicate_key`) a sample whose key already appeared in the shard: two output samples with
+    one key would be merged or confused by every reader downstream. The first one wins."""
+    seen: set[str] = set()
+    for s in samples:
+        if s["key"] in seen:
+            if strict:
+                raise InputError(f"{s['shard']}: sample {s['key']!r}: duplicate_key (the key appeared earlier)")
+            bad.add_bad("duplicate_key")
+            continue
+        seen.add(s["key"])
+        yield s
+
+
 def _batches(it: Iterator, n: int) -> Iterator[list]:
     batch = []
     for x in it:
@@ -221,7 +235,7 @@ def process_shard(
     out_samples = []
     decided = []  # (sample json, its captions) of every web sample, for the ground-truth checks
     examples = []  # (sample, captions or None for human data, kept captions) of the first few samples
-    for batch in _batches(iter_shard(shard, bad, strict=cfg.strict), cfg.batch_size):
+    for batch in _batches(_unique_keys(iter_shard(shard, bad, strict=cfg.strict), bad, cfg.strict), cfg.batch_size):
         st.images_in += len(batch)
         web = [s for s in batch if not _is_human(s)]
         decisions = {}
@@ -237,11 +251,11 @@ def process_shard(
                     counts[source]["in"] += 1
                     counts[source]["kept" if keep else "dropped"] += 1
                     caps.append({"text": t, "source": source, "itm": round(p, 6), "itc": round(c, 6), "kept": keep})
-                decisions[s["key"]] = caps
+                decisions[s["index"]] = caps  # by position: a key may repeat in a corrupt shard
                 decided.append((s["json"], caps))
         for s in batch:
-            if s["key"] in decisions:
-                caps = decisions[s["key"]]
+            if s["index"] in decisions:
+                caps = decisions[s["index"]]
                 kept = [{k: c[k] for k in ("text", "source", "itm")} for c in caps if c["kept"]]
             else:  # human data passes through
                 caps = None

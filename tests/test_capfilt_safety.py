@@ -109,3 +109,22 @@ def test_out_equal_to_or_inside_in_is_refused(models, small_web, where):
     assert r.exit_code == 2, r.output
     assert "out" in r.output and "input" in r.output
     assert tree(small_web.parent) == before
+
+
+def test_duplicate_keys_never_swap_captions(models, tmp_path):
+    # "a" appears twice, not consecutively: the second one (another image, another caption) is skipped and counted
+    rows = [
+        {"__key__": "a", "png": png(1), "txt": "caption of image one", "json": {"image_id": 1}},
+        {"__key__": "b", "png": png(2), "txt": "caption of image two", "json": {"image_id": 2}},
+        {"__key__": "a", "png": png(3), "txt": "caption of image three", "json": {"image_id": 3}},
+        {"__key__": "c", "png": png(4), "txt": "caption of image four", "json": {"image_id": 4}},
+    ]
+    write_shard(tmp_path / "in" / "web-00000.tar", rows)
+    r = capfilt(models, tmp_path / "in", tmp_path / "out", "--num-captions", "0", "--batch-size", "8")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "out" / "capfilt.json").read_text())
+    assert s["bad_samples"] == {"duplicate_key": 1} and s["images_in"] == 3
+    by_id = {x["json"]["image_id"]: x for x in iter_shard(tmp_path / "out" / "web-00000.tar", SampleStats())}
+    assert sorted(by_id) == [1, 2, 4]  # threshold 0 keeps every web caption
+    for i, x in by_id.items():
+        assert x["image_bytes"] == png(i) and x["text"] == rows[i - 1]["txt"]

@@ -44,6 +44,7 @@ REASONS = {
     "empty_caption": "every caption is empty after cleaning (pre_caption)",
     "bad_utf8": "the caption or json is not valid UTF-8",
     "bad_json": "the json member is not a JSON object",
+    "duplicate_key": "the key appeared earlier in the same shard (CapFilt keeps the first)",
     "unsafe_key": "the sample key is absolute or has '..', '.', empty parts, a backslash or a control character "
     "(written out, it could name a file outside the output directory)",
 }
