@@ -76,6 +76,8 @@ class ShardStats:
     """Against the recorded scene (json.scene, the demo world): per source, captions checked / right, all and kept."""
     seconds: float = 0.0
     examples: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    """What made this shard (`output_settings`): a rerun with other settings must not take it as done."""
 
 
 # ---- sharding and bookkeeping ------------------------------------------------------------------------------------
@@ -115,6 +117,47 @@ def output_paths(out_dir: Path, shard: str) -> tuple[Path, Path]:
 def is_done(out_dir: Path, shard: str) -> bool:
     tar, stats = output_paths(out_dir, shard)
     return tar.exists() and stats.exists()
+
+
+RUN_ONLY = ("batch_size", "strict")
+"""Settings that change how a run goes, not what its shards mean (batch_size only changes which random draw a
+synthetic caption comes from): a rerun may change them and still resume."""
+
+
+def source_name(src: Any) -> str | None:
+    """How a model source is recorded: a loaded model's source, a local path made absolute, else as given."""
+    import os
+
+    name = getattr(src, "source", src)
+    if name is None:
+        return None
+    name = os.fspath(name)
+    return os.path.abspath(name) if os.path.exists(name) else name
+
+
+def output_settings(cfg: CapfiltConfig, captioner: Any, filter: Any) -> dict:  # noqa: A002
+    """The settings that make a shard's content, as recorded in its stats and compared on a rerun."""
+    d = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
+    d["captioner"] = source_name(captioner) if cfg.num_captions else None  # 0: no captioner runs
+    d["filter"] = source_name(filter)
+    return d
+
+
+def recorded_settings(out_dir: Path, shard: str) -> dict | None:
+    """The settings a finished shard's stats record ({} for stats older than the record), None if not finished."""
+    if not is_done(out_dir, shard):
+        return None
+    try:
+        return json.loads(output_paths(out_dir, shard)[1].read_text()).get("settings") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every setting that differs."""
+    if not old:
+        return ["settings: not recorded (made by an older blipctl)"]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def shard_seed(seed: int, shard: str) -> int:
@@ -220,7 +263,11 @@ def _batches(it: Iterator, n: int) -> Iterator[list]:
 
 
 def process_shard(
-    shard: str, out_dir: Path, boot: Bootstrapper, on_images: Callable[[int], None] | None = None
+    shard: str,
+    out_dir: Path,
+    boot: Bootstrapper,
+    on_images: Callable[[int], None] | None = None,
+    settings: dict | None = None,
 ) -> ShardStats:
     """Bootstrap one input shard into `out_dir/<name>` (atomic) plus its stats file; returns the stats."""
     from blip.data.shards import SampleStats, iter_shard, write_shard
@@ -228,7 +275,7 @@ def process_shard(
     cfg = boot.cfg
     t0 = time.perf_counter()
     tar_path, stats_path = output_paths(out_dir, shard)
-    st = ShardStats(shard=Path(shard).name)
+    st = ShardStats(shard=Path(shard).name, settings=settings or {})
     counts = {s: Counter() for s in ("web", "synthetic", "human")}
     bad = SampleStats()
     gen = torch.Generator(device=boot.device).manual_seed(shard_seed(cfg.seed, shard))
@@ -285,13 +332,18 @@ def process_shard(
 
 
 # ---- summary -----------------------------------------------------------------------------------------------------
-def summarize(out_dir: Path, inputs: list[str], settings: dict) -> dict:
-    """Aggregate every finished shard's stats in `out_dir` into capfilt.json (and report.html)."""
-    stats = []
+def summarize(out_dir: Path, inputs: list[str], settings: dict, made_with: dict | None = None) -> dict:
+    """Aggregate the stats of every shard in `out_dir` finished with the settings `made_with` into capfilt.json
+    (and report.html); shards made with other settings count as `shards_stale`, not done."""
+    stats, stale = [], 0
     for shard in sorted(inputs):
         p = output_paths(out_dir, shard)[1]
         if p.exists():
-            stats.append(json.loads(p.read_text()))
+            st = json.loads(p.read_text())
+            if made_with is not None and st.get("settings") != made_with:
+                stale += 1
+                continue
+            stats.append(st)
     counts = {s: Counter() for s in ("web", "synthetic", "human")}
     bad, noise, scene = Counter(), Counter(), Counter()
     images_in = images_out = 0
@@ -308,6 +360,7 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict) -> dict:
     summary = {
         "shards_done": len(stats),
         "shards_total": len(inputs),
+        "shards_stale": stale,
         "complete": len(stats) == len(inputs),
         "images_in": images_in,
         "images_out": images_out,
@@ -358,6 +411,7 @@ def run(
     shard_index: int = 0,
     num_shards: int = 1,
     device: str = "auto",
+    overwrite: bool = False,
     on_progress: Callable[[CapfiltProgress], None] | None = None,
 ) -> dict:
     """Run CapFilt over this process's share of the input shards; returns the summary (capfilt.json) on rank 0
@@ -365,7 +419,9 @@ def run(
 
     `captioner` / `filter`: a model source (blipctl dir, HF dir or hub id, .pth; default the released BLIP
     models) or a loaded `blip.checkpoint.Loaded`. Under torchrun the ranks split the shards; `shard_index` of
-    `num_shards` splits them between independent jobs. Finished shards (output and stats present) are skipped.
+    `num_shards` splits them between independent jobs. Finished shards (output and stats present) are skipped;
+    a finished shard made with other settings (model sources, sampling, threshold, ...: `output_settings`) is an
+    InputError naming the differences, unless `overwrite`, which redoes it.
     """
     from blip.checkpoint import DEFAULT_CAPTIONER, DEFAULT_FILTER, Loaded, load_model
     from blip.data.shards import expand_shards
@@ -382,15 +438,20 @@ def run(
         barrier(info)  # rank 0 may have just cleared `out` (a recipe rerun): every rank reads it after that
         out_path.mkdir(parents=True, exist_ok=True)
         mine = assign_shards(shards, shard_index, num_shards, rank, world)
-        todo = [s for s in mine if not is_done(out_path, s)]
         cap_src = captioner or DEFAULT_CAPTIONER
         filt_src = filter or DEFAULT_FILTER
-        settings = {
-            **cfg.__dict__,
-            "captioner": cap_src.source if isinstance(cap_src, Loaded) else cap_src,
-            "filter": filt_src.source if isinstance(filt_src, Loaded) else filt_src,
-            "inputs": inputs,
-        }
+        made_with = output_settings(cfg, cap_src, filt_src)
+        # every rank checks every input shard, so all refuse together (and independent jobs alike)
+        recorded = {s: rec for s in shards if (rec := recorded_settings(out_path, s)) is not None}
+        stale = {s: d for s, rec in recorded.items() if (d := settings_diff(rec, made_with))}
+        if stale and not overwrite:
+            diffs = sorted({d for ds in stale.values() for d in ds})
+            raise InputError(
+                f"out: {len(stale)} finished shard(s) in {out_path} were made with other settings "
+                f"({'; '.join(diffs)}); set overwrite to redo them with these settings, or choose another out"
+            )
+        todo = [s for s in mine if s in stale or s not in recorded]
+        settings = {**asdict(cfg), **made_with, "inputs": inputs}
         prog = CapfiltProgress(len(shards), len(mine), len(mine) - len(todo), rank=rank, world_size=world)
         if on_progress:
             on_progress(prog)
@@ -411,10 +472,10 @@ def run(
                     on_progress(prog)
 
             for shard in todo:
-                process_shard(shard, out_path, boot, on_images=seen)
+                process_shard(shard, out_path, boot, on_images=seen, settings=made_with)
                 prog.shards_done += 1
                 seen(0)
         barrier(info)
-        return summarize(out_path, shards, settings) if rank == 0 else {}
+        return summarize(out_path, shards, settings, made_with) if rank == 0 else {}
     finally:
         cleanup(info)

@@ -128,3 +128,22 @@ def test_duplicate_keys_never_swap_captions(models, tmp_path):
     assert sorted(by_id) == [1, 2, 4]  # threshold 0 keeps every web caption
     for i, x in by_id.items():
         assert x["image_bytes"] == png(i) and x["text"] == rows[i - 1]["txt"]
+
+
+def test_rerun_with_other_settings_is_refused_or_redone_with_overwrite(models, small_web, tmp_path):
+    out = tmp_path / "out"
+    assert capfilt(models, small_web, out, threshold="0").exit_code == 0
+    made = tree(out)
+    st = json.loads((out / "_capfilt" / "web-00000.json").read_text())
+    assert st["settings"]["threshold"] == 0 and st["settings"]["num_captions"] == 1
+    r = capfilt(models, small_web, out, threshold="0")  # same settings: resumes (nothing to do)
+    assert r.exit_code == 0 and "2 already done" in r.output and tree(out) == made
+    r = capfilt(models, small_web, out, threshold="0.9")
+    assert r.exit_code == 2 and "threshold: 0.0 -> 0.9" in r.output and "overwrite" in r.output, r.output
+    assert tree(out) == made  # nothing touched, capfilt.json still says threshold 0
+    r = capfilt(models, small_web, out, "--overwrite", threshold="1")
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "capfilt.json").read_text())
+    assert s["settings"]["threshold"] == 1 and s["shards_done"] == 2 and s["shards_stale"] == 0
+    assert s["counts"]["web"]["kept"] == 0  # ITM p(match) < 1: the redone shards follow the new threshold
+    assert json.loads((out / "_capfilt" / "web-00001.json").read_text())["settings"]["threshold"] == 1

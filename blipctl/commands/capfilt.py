@@ -31,6 +31,7 @@ def run_capfilt(
     strict: bool = False,
     device: str = "auto",
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """The flags as one `blip.capfilt.run` call, drawing progress; returns the summary (capfilt.json)."""
     from blip.capfilt import CapfiltConfig, CapfiltProgress, run
@@ -73,6 +74,7 @@ def run_capfilt(
             shard_index=shard_index,
             num_shards=num_shards,
             device=device,
+            overwrite=overwrite,
             on_progress=show,
         )
 
@@ -106,12 +108,21 @@ def capfilt(
     prompt: Annotated[str, typer.Option(help="Captioner prompt (removed from the caption).")] = "a picture of ",
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first bad input sample.")] = False,
     device: DeviceOpt = "auto",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Redo finished output shards made with other settings (without it such a rerun is refused).",
+        ),
+    ] = False,
 ) -> None:
     """Bootstrap a cleaner dataset: caption web images, filter web and synthetic captions with ITM.
 
     Every web image gets --num-captions synthetic captions (nucleus sampling); the filter keeps each caption,
     web or synthetic, whose ITM match probability reaches --threshold. Human-annotated samples (json source
-    "human") pass through. Finished shards are skipped on rerun; a killed run resumes where it stopped.
+    "human") pass through. Finished shards are skipped on rerun; a killed run resumes where it stopped. Each
+    shard records the settings that made it: a rerun with other settings is refused (exit 2, the differences
+    named) unless --overwrite, which redoes those shards.
     On the demo world (`blipctl data demo`) capfilt.json also scores the filter against the known noise labels
     and checks every caption against the recorded scene.
 
@@ -142,6 +153,7 @@ def capfilt(
         prompt,
         strict,
         device,
+        overwrite=overwrite,
     )
     if not summary:
         return
