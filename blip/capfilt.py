@@ -76,6 +76,8 @@ class ShardStats:
     """Against the recorded scene (json.scene, the demo world): per source, captions checked / right, all and kept."""
     seconds: float = 0.0
     examples: list = field(default_factory=list)
+    image_only: int = 0
+    """Non-human images without any caption text: they can only keep synthetic captions."""
     settings: dict = field(default_factory=dict)
     """What made this shard (`output_settings`): a rerun with other settings must not take it as done."""
 
@@ -262,6 +264,28 @@ def _batches(it: Iterator, n: int) -> Iterator[list]:
         yield batch
 
 
+def candidates(boot: Bootstrapper, samples: list[dict], gen: torch.Generator) -> list[list[dict]]:
+    """Each sample's candidate captions, scored: its web caption (when it has text) then its synthetic ones, as
+    {"text", "source", "itm", "itc"}. An image without text gets synthetic candidates only (none with
+    num_captions 0)."""
+    if not samples:
+        return []
+    synth = boot.synthesize([s["image"] for s in samples], gen)
+    out: list[list[dict]] = [[] for _ in samples]
+    # the filter scores the same number of texts per image: images with web text and images without go apart
+    for has_text in (True, False):
+        rows = [i for i, s in enumerate(samples) if bool(s["text"]) == has_text]
+        texts = [([samples[i]["text"]] if has_text else []) + synth[i] for i in rows]
+        if not rows or not texts[0]:
+            continue
+        itm, itc = boot.score([samples[i]["image"] for i in rows], texts)
+        for i, ts, ps, cs in zip(rows, texts, itm, itc, strict=True):
+            for j, (t, p, c) in enumerate(zip(ts, ps, cs, strict=True)):
+                source = "web" if has_text and j == 0 else "synthetic"
+                out[i].append({"text": t, "source": source, "itm": round(p, 6), "itc": round(c, 6)})
+    return out
+
+
 def process_shard(
     shard: str,
     out_dir: Path,
@@ -270,7 +294,7 @@ def process_shard(
     settings: dict | None = None,
 ) -> ShardStats:
     """Bootstrap one input shard into `out_dir/<name>` (atomic) plus its stats file; returns the stats."""
-    from blip.data.shards import SampleStats, iter_shard, write_shard
+    from blip.data.shards import SampleStats, captions_of, iter_shard, write_shard
 
     cfg = boot.cfg
     t0 = time.perf_counter()
@@ -282,32 +306,26 @@ def process_shard(
     out_samples = []
     decided = []  # (sample json, its captions) of every web sample, for the ground-truth checks
     examples = []  # (sample, captions or None for human data, kept captions) of the first few samples
-    for batch in _batches(_unique_keys(iter_shard(shard, bad, strict=cfg.strict), bad, cfg.strict), cfg.batch_size):
+    samples = _unique_keys(iter_shard(shard, bad, strict=cfg.strict, need_caption=False), bad, cfg.strict)
+    for batch in _batches(samples, cfg.batch_size):
         st.images_in += len(batch)
         web = [s for s in batch if not _is_human(s)]
+        st.image_only += sum(not s["text"] for s in web)
         decisions = {}
-        if web:
-            synth = boot.synthesize([s["image"] for s in web], gen)
-            texts = [[s["text"], *syn] for s, syn in zip(web, synth, strict=True)]
-            itm, itc = boot.score([s["image"] for s in web], texts)
-            for s, ts, ps, cs in zip(web, texts, itm, itc, strict=True):
-                caps = []
-                for j, (t, p, c) in enumerate(zip(ts, ps, cs, strict=True)):
-                    source = "web" if j == 0 else "synthetic"
-                    keep = p >= cfg.threshold and (cfg.itc_threshold is None or c >= cfg.itc_threshold)
-                    counts[source]["in"] += 1
-                    counts[source]["kept" if keep else "dropped"] += 1
-                    caps.append({"text": t, "source": source, "itm": round(p, 6), "itc": round(c, 6), "kept": keep})
-                decisions[s["index"]] = caps  # by position: a key may repeat in a corrupt shard
-                decided.append((s["json"], caps))
+        for s, caps in zip(web, candidates(boot, web, gen), strict=True):
+            for c in caps:
+                c["kept"] = c["itm"] >= cfg.threshold and (cfg.itc_threshold is None or c["itc"] >= cfg.itc_threshold)
+                counts[c["source"]]["in"] += 1
+                counts[c["source"]]["kept" if c["kept"] else "dropped"] += 1
+            decisions[s["index"]] = caps  # by position: a key may repeat in a corrupt shard
+            decided.append((s["json"], caps))
         for s in batch:
-            if s["index"] in decisions:
+            if s["index"] in decisions:  # web data, or an image without text (synthetic captions only)
                 caps = decisions[s["index"]]
                 kept = [{k: c[k] for k in ("text", "source", "itm")} for c in caps if c["kept"]]
             else:  # human data passes through
                 caps = None
-                given = s["json"].get("captions") or [{"text": s["text"]}]
-                kept = [{"text": c["text"], "source": "human", "itm": None} for c in given]
+                kept = [{"text": t, "source": "human", "itm": None} for t in captions_of(s) if t.strip()]
                 counts["human"]["in"] += len(kept)
                 counts["human"]["kept"] += len(kept)
             if len(examples) < report.EXAMPLES_PER_SHARD:
@@ -346,9 +364,10 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict, made_with: dict 
             stats.append(st)
     counts = {s: Counter() for s in ("web", "synthetic", "human")}
     bad, noise, scene = Counter(), Counter(), Counter()
-    images_in = images_out = 0
+    images_in = images_out = image_only = 0
     seconds = 0.0
     for st in stats:
+        image_only += st.get("image_only", 0)
         images_in += st["images_in"]
         images_out += st["images_out"]
         seconds += st["seconds"]
@@ -364,6 +383,7 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict, made_with: dict 
         "complete": len(stats) == len(inputs),
         "images_in": images_in,
         "images_out": images_out,
+        "images_without_text": image_only,
         "counts": {k: {"in": v["in"], "kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()},
         "bad_samples": dict(bad),
         "images_per_s": round(images_in / seconds, 3) if seconds else None,

@@ -61,7 +61,7 @@ def ground_truth_checks(decided: list[tuple[dict, list[dict]]]) -> tuple[dict, d
                 for group in ("all", "kept") if c["kept"] else ("all",):
                     scene[f"{c['source']}/{group}/checked"] += 1
                     scene[f"{c['source']}/{group}/right"] += right
-        if "noise" in meta:
+        if "noise" in meta and caps and caps[0]["source"] == "web":  # labels are about the web caption
             noisy, dropped = bool(meta["noise"]), not caps[0]["kept"]
             noise[OUTCOME[(noisy, dropped)]] += 1
     return dict(noise), dict(scene)
@@ -136,8 +136,9 @@ padding:4px 8px}} .ex{{display:flex;gap:1em;margin:1em 0;border-bottom:1px solid
 .ex img{{width:160px;height:auto}} .kept{{color:#155724}} .dropped{{color:#a00;text-decoration:line-through}}
 .src{{font-size:80%;background:#eee;padding:1px 4px}} .key{{color:#666}} .truth{{font-size:90%}}</style></head>
 <body><h1>CapFilt report</h1>
-<p>{summary["shards_done"]}/{summary["shards_total"]} shards, {summary["images_in"]} images in,
-{summary["images_out"]} out, {summary["images_per_s"]} images/s; web noise ratio {summary["web_noise_ratio"]}.</p>
+<p>{summary["shards_done"]}/{summary["shards_total"]} shards, {summary["images_in"]} images in
+({summary.get("images_without_text", 0)} without text: synthetic captions only), {summary["images_out"]} out,
+{summary["images_per_s"]} images/s; web noise ratio {summary["web_noise_ratio"]}.</p>
 <table id="counts"><tr><th>source</th><th>in</th><th>kept</th><th>dropped</th></tr>{table}</table>{extra}
 <h2>Examples</h2>{"".join(rows)}
 </body></html>

@@ -40,7 +40,7 @@ REASONS = {
     "undecodable_image": "the image bytes do not decode (corrupt, truncated, unknown format)",
     "unsupported_format": "the image decodes but is not JPEG, PNG or WebP (annotation-list conversion)",
     "absurd_size": "the image is tiny, enormous or absurdly thin",
-    "missing_caption": "no txt member and no json.captions",
+    "missing_caption": "no txt member, json.caption or json.captions (caption and capfilt accept such samples)",
     "empty_caption": "every caption is empty after cleaning (pre_caption)",
     "bad_utf8": "the caption or json is not valid UTF-8",
     "bad_json": "the json member is not a JSON object",
@@ -183,7 +183,7 @@ def captions_of(sample: Mapping[str, Any]) -> list[str]:
     return texts or [sample["text"]]
 
 
-def _validate(group: dict[str, bytes | int], decode: bool) -> dict[str, Any]:
+def _validate(group: dict[str, bytes | int], decode: bool, need_caption: bool = True) -> dict[str, Any]:
     """A raw member group -> sample fields, or BadSample. Cheap checks (text) run before the image decode."""
     meta: dict = {}
     if "json" in group:
@@ -196,17 +196,21 @@ def _validate(group: dict[str, bytes | int], decode: bool) -> dict[str, Any]:
         if not isinstance(meta, dict):
             raise BadSample("bad_json", f"expected an object, got {type(meta).__name__}")
     candidates = _caption_texts(meta)
+    if not candidates and isinstance(meta.get("caption"), str):  # img2dataset's copy of the caption column
+        candidates = [meta["caption"]]
     if "txt" in group:
         try:
             txt = bytes(group["txt"]).decode("utf-8").lstrip("\ufeff").strip()
         except UnicodeDecodeError as e:
             raise BadSample("bad_utf8", f"txt: {e}") from None
         candidates.insert(0, txt)
-    elif not candidates:
-        raise BadSample("missing_caption", "no txt member and no json.captions")
+    elif not candidates and need_caption:
+        raise BadSample("missing_caption", "no txt member, json.caption or json.captions")
     text = next((t.strip() for t in candidates if pre_caption(t)), None)
     if text is None:
-        raise BadSample("empty_caption", "every caption is empty after cleaning")
+        if need_caption:
+            raise BadSample("empty_caption", "every caption is empty after cleaning")
+        text = ""  # an image-only sample: captioning and CapFilt need no text
     ext = next((e for e in IMAGE_EXTS if e in group), None)
     if ext is None:
         raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
@@ -228,6 +232,7 @@ def iter_shard(
     *,
     decode: bool = True,
     subset: tuple[int, int] | None = None,
+    need_caption: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Read ONE tar sequentially; yield validated samples
     `{"key", "image" (PIL RGB), "image_bytes", "image_ext", "text", "json", "shard", "index"}`.
@@ -238,6 +243,8 @@ def iter_shard(
     `missing_shard`.
 
     decode=False skips reading and decoding images (image and image_bytes are None): for counting and captions.
+    need_caption=False yields image-only samples (no caption, or only empty ones) with text "" instead of counting
+    them as missing_caption / empty_caption: for captioning and CapFilt, which need only the image.
     subset=(n, k) keeps only samples whose position in the shard is k modulo n (the others are neither read nor
     checked nor counted): how several readers share a shard.
     """
@@ -266,7 +273,7 @@ def iter_shard(
             try:
                 if why := unsafe_key(key or ""):
                     raise BadSample("unsafe_key", why)
-                sample = _validate(group, decode)
+                sample = _validate(group, decode, need_caption)
             except BadSample as e:
                 _reject(stats, strict, f"{path}: sample {key!r}", e.reason, e.detail)
                 return

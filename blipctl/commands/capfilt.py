@@ -119,7 +119,8 @@ def capfilt(
     """Bootstrap a cleaner dataset: caption web images, filter web and synthetic captions with ITM.
 
     Every web image gets --num-captions synthetic captions (nucleus sampling); the filter keeps each caption,
-    web or synthetic, whose ITM match probability reaches --threshold. Human-annotated samples (json source
+    web or synthetic, whose ITM match probability reaches --threshold. Images without any text (e.g.
+    img2dataset output made without a caption column) get synthetic captions only. Human-annotated samples (json source
     "human") pass through. Finished shards are skipped on rerun; a killed run resumes where it stopped. Each
     shard records the settings that made it: a rerun with other settings is refused (exit 2, the differences
     named) unless --overwrite, which redoes those shards.
@@ -163,6 +164,12 @@ def capfilt(
     for src, c in summary["counts"].items():
         table.add_row(src, str(c["in"]), str(c["kept"]), str(c["dropped"]))
     out.print(table)
+    out.print(
+        f"{summary['images_in']} images in ({summary.get('images_without_text', 0)} images without text: "
+        f"synthetic captions only), {summary['images_out']} out"
+    )
+    if summary.get("bad_samples"):
+        out.print("bad samples skipped: " + ", ".join(f"{n} {k}" for k, n in sorted(summary["bad_samples"].items())))
     if "filter_vs_noise_labels" in summary:
         f = summary["filter_vs_noise_labels"]
         out.print(
