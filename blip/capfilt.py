@@ -35,6 +35,7 @@ from blip.tokenizer import Tokenizer
 STATS_DIR = "_capfilt"
 SUMMARY = "capfilt.json"
 REPORT = "report.html"
+LAYOUTS = ("image", "pairs")
 
 
 @dataclass
@@ -53,6 +54,8 @@ class CapfiltConfig:
     """Keep a caption when ITM p(match) >= threshold."""
     itc_threshold: float | None = None
     """Optionally also require ITC cosine >= this."""
+    layout: str = "image"
+    """"image": one output sample per image with every kept caption; "pairs": one sample per kept caption."""
     batch_size: int = 32
     seed: int = 0
     strict: bool = False
@@ -60,6 +63,8 @@ class CapfiltConfig:
     def __post_init__(self) -> None:
         if self.num_captions < 0:
             raise InputError(f"--num-captions must be 0 or more, got {self.num_captions}")
+        if self.layout not in LAYOUTS:
+            raise InputError(f"layout: one of {', '.join(LAYOUTS)}, got {self.layout!r}")
 
 
 @dataclass
@@ -67,6 +72,8 @@ class ShardStats:
     shard: str
     images_in: int = 0
     images_out: int = 0
+    samples_out: int = 0
+    """Output samples: images_out with layout "image", kept captions with "pairs"."""
     counts: dict = field(default_factory=dict)
     """Per source ('web', 'synthetic', 'human'): {'in': n, 'kept': n, 'dropped': n}."""
     bad_samples: dict = field(default_factory=dict)
@@ -286,6 +293,29 @@ def candidates(boot: Bootstrapper, samples: list[dict], gen: torch.Generator) ->
     return out
 
 
+def output_samples(s: dict, kept: list[dict], layout: str) -> list[dict]:
+    """The output sample(s) of an image with its kept captions (best first).
+
+    layout "image": one sample; `txt` and `json.caption` are the first kept caption, `json.captions` all of
+    them. layout "pairs": one sample per kept caption, keyed `<key>_<n>`, with the same image bytes and that
+    caption alone as txt / json.caption / json.captions (and `json.image_key`): for loaders that read txt only.
+    Every other input json field is kept.
+    """
+    base = {"_image": s["index"], s["image_ext"]: s["image_bytes"]}
+    if layout == "image":
+        meta = {**s["json"], "caption": kept[0]["text"], "captions": kept}
+        return [{**base, "__key__": s["key"], "txt": kept[0]["text"], "json": meta}]
+    return [
+        {
+            **base,
+            "__key__": f"{s['key']}_{n}",
+            "txt": c["text"],
+            "json": {**s["json"], "caption": c["text"], "captions": [c], "image_key": s["key"]},
+        }
+        for n, c in enumerate(kept)
+    ]
+
+
 def process_shard(
     shard: str,
     out_dir: Path,
@@ -332,13 +362,11 @@ def process_shard(
                 examples.append((s, caps, kept))
             if not kept:
                 continue
-            meta = {**s["json"], "captions": kept}
-            out_samples.append(
-                {"__key__": s["key"], s["image_ext"]: s["image_bytes"], "txt": kept[0]["text"], "json": meta}
-            )
+            out_samples.extend(output_samples(s, kept, cfg.layout))
         if on_images:
             on_images(len(batch))
-    st.images_out = len(out_samples)
+    st.images_out = len({x["_image"] for x in out_samples})
+    st.samples_out = len(out_samples)
     st.counts = {k: {"in": v["in"], "kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()}
     st.bad_samples = dict(bad.bad)
     st.noise, st.scene = report.ground_truth_checks(decided)
@@ -364,12 +392,13 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict, made_with: dict 
             stats.append(st)
     counts = {s: Counter() for s in ("web", "synthetic", "human")}
     bad, noise, scene = Counter(), Counter(), Counter()
-    images_in = images_out = image_only = 0
+    images_in = images_out = image_only = samples_out = 0
     seconds = 0.0
     for st in stats:
         image_only += st.get("image_only", 0)
         images_in += st["images_in"]
         images_out += st["images_out"]
+        samples_out += st.get("samples_out", st["images_out"])
         seconds += st["seconds"]
         for src, c in st["counts"].items():
             counts[src].update(c)
@@ -384,6 +413,7 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict, made_with: dict 
         "images_in": images_in,
         "images_out": images_out,
         "images_without_text": image_only,
+        "samples_out": samples_out,
         "counts": {k: {"in": v["in"], "kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()},
         "bad_samples": dict(bad),
         "images_per_s": round(images_in / seconds, 3) if seconds else None,

@@ -86,3 +86,72 @@ def test_caption_command_captions_image_only_shards(models, img2dataset):
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 10 and len({x["image"] for x in lines}) == 10
     assert "00000.tar/000000002" in {x["image"] for x in lines}  # the one with an empty txt
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Two jpg shards of 6: four with a web caption (and img2dataset's json.caption copy), two image-only."""
+    d = tmp_path_factory.mktemp("mixed")
+    words = ["a red circle on the left", "a small blue square", "there is a big star", "buy now"]
+    for s in range(2):
+        rows = []
+        for i in range(6):
+            row = {"__key__": f"m{s}{i}", "jpg": jpg(100 + 10 * s + i), "json": {"key": f"m{s}{i}"}}
+            if i < 4:
+                row["txt"] = words[i]
+                row["json"]["caption"] = words[i]
+            rows.append(row)
+        write_shard(d / f"web-{s:05d}.tar", rows)
+    return d
+
+
+def all_scores(out) -> list[float]:
+    return sorted(
+        c["itm"] for t in out.glob("*.tar") for x in iter_shard(t, SampleStats()) for c in x["json"]["captions"]
+    )
+
+
+@pytest.fixture(scope="module")
+def median_threshold(models, mixed, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("all")
+    assert capfilt(models, mixed, out, "--num-captions", "2", "--threshold", "0").exit_code == 0
+    scores = all_scores(out)
+    assert len(scores) == 8 * 3 + 4 * 2
+    n = len(scores) // 2
+    return f"{(scores[n - 1] + scores[n]) / 2:.9f}"
+
+
+def test_every_consumer_reads_every_kept_caption(models, mixed, median_threshold, tmp_path):
+    import webdataset as wds
+
+    args = ["--num-captions", "2", "--threshold", median_threshold]
+    assert capfilt(models, mixed, tmp_path / "img", *args).exit_code == 0
+    r = capfilt(models, mixed, tmp_path / "pairs", *args, "--layout", "pairs")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "pairs" / "capfilt.json").read_text())
+    kept = sum(c["kept"] for c in s["counts"].values())
+    assert 0 < kept < 32 and s["samples_out"] == kept and s["settings"]["layout"] == "pairs"
+    # layout image: txt is the first kept caption, json.caption agrees, json.captions holds them all
+    per_image = {}
+    for key, txt, meta in wds.WebDataset(
+        sorted(map(str, (tmp_path / "img").glob("*.tar"))), shardshuffle=False
+    ).to_tuple("__key__", "txt", "json"):
+        meta = json.loads(meta)
+        assert txt.decode() == meta["caption"] == meta["captions"][0]["text"]
+        per_image[key] = [c["text"] for c in meta["captions"]]
+    assert sum(map(len, per_image.values())) == kept
+    # layout pairs, read as open_clip does (jpg + txt only): exactly the kept captions, each with its image
+    src = {
+        x["key"]: x["image_bytes"]
+        for t in mixed.glob("*.tar")
+        for x in iter_shard(t, SampleStats(), need_caption=False)
+    }
+    urls = sorted(map(str, (tmp_path / "pairs").glob("*.tar")))
+    pairs = list(wds.WebDataset(urls, shardshuffle=False).to_tuple("__key__", "jpg", "txt"))
+    assert len(pairs) == kept
+    got = {}
+    for key, image, txt in pairs:
+        base, n = key.rsplit("_", 1)
+        assert image == src[base]
+        got.setdefault(base, []).append((int(n), txt.decode()))
+    assert {k: [t for _, t in sorted(v)] for k, v in got.items()} == per_image

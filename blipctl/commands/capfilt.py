@@ -32,6 +32,7 @@ def run_capfilt(
     device: str = "auto",
     show_progress: bool = True,
     overwrite: bool = False,
+    layout: str = "image",
 ) -> dict:
     """The flags as one `blip.capfilt.run` call, drawing progress; returns the summary (capfilt.json)."""
     from blip.capfilt import CapfiltConfig, CapfiltProgress, run
@@ -48,6 +49,7 @@ def run_capfilt(
         min_length=min_length,
         prompt=prompt,
         strict=strict,
+        layout=layout,
     )
     with progress() as bar:
         task = None
@@ -108,6 +110,13 @@ def capfilt(
     prompt: Annotated[str, typer.Option(help="Captioner prompt (removed from the caption).")] = "a picture of ",
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first bad input sample.")] = False,
     device: DeviceOpt = "auto",
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="image: one sample per image (txt = first kept caption, json.captions = all kept); "
+            "pairs: one sample per kept caption, keys <key>_<n>, for loaders that read txt only (open_clip)."
+        ),
+    ] = "image",
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -155,6 +164,7 @@ def capfilt(
         strict,
         device,
         overwrite=overwrite,
+        layout=layout,
     )
     if not summary:
         return
