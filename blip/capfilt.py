@@ -54,6 +54,9 @@ class CapfiltConfig:
     """Keep a caption when ITM p(match) >= threshold."""
     itc_threshold: float | None = None
     """Optionally also require ITC cosine >= this."""
+    keep_top: int | None = None
+    """Keep at most this many captions per image, the best by ITM among web + synthetic (BLIP-2 kept 2); None: all
+    that pass the threshold."""
     layout: str = "image"
     """"image": one output sample per image with every kept caption; "pairs": one sample per kept caption."""
     batch_size: int = 32
@@ -63,6 +66,8 @@ class CapfiltConfig:
     def __post_init__(self) -> None:
         if self.num_captions < 0:
             raise InputError(f"--num-captions must be 0 or more, got {self.num_captions}")
+        if self.keep_top is not None and self.keep_top < 1:
+            raise InputError(f"keep_top: at least 1 (or None for no limit), got {self.keep_top}")
         if self.layout not in LAYOUTS:
             raise InputError(f"layout: one of {', '.join(LAYOUTS)}, got {self.layout!r}")
 
@@ -83,6 +88,8 @@ class ShardStats:
     """Against the recorded scene (json.scene, the demo world): per source, captions checked / right, all and kept."""
     seconds: float = 0.0
     examples: list = field(default_factory=list)
+    dropped_by_keep_top: int = 0
+    """Captions that passed the thresholds but not the keep_top cut (counted as dropped too)."""
     image_only: int = 0
     """Non-human images without any caption text: they can only keep synthetic captions."""
     settings: dict = field(default_factory=dict)
@@ -293,6 +300,34 @@ def candidates(boot: Bootstrapper, samples: list[dict], gen: torch.Generator) ->
     return out
 
 
+def select(caps: list[dict], cfg: CapfiltConfig) -> int:
+    """Mark each candidate caption `kept`: ITM p(match) >= threshold (and ITC >= itc_threshold when set), then at
+    most `keep_top` of those, the best by ITM. Returns how many passed the thresholds but fell outside the top."""
+    passed = [
+        c for c in caps if c["itm"] >= cfg.threshold and (cfg.itc_threshold is None or c["itc"] >= cfg.itc_threshold)
+    ]
+    top = ranked(passed, cfg)[: cfg.keep_top] if cfg.keep_top else passed
+    chosen = {id(c) for c in top}
+    for c in caps:
+        c["kept"] = id(c) in chosen
+    return len(passed) - len(top)
+
+
+def ranked(caps: list[dict], cfg: CapfiltConfig) -> list[dict]:
+    """With keep_top, captions best first by ITM (ties keep the web caption first); without, as generated."""
+    return sorted(caps, key=lambda c: -c["itm"]) if cfg.keep_top else caps
+
+
+def provenance(c: dict, cfg: CapfiltConfig, settings: dict) -> dict:
+    """A kept caption as written to json.captions: text, source, ITM, ITC, and for a synthetic caption the
+    captioner and the run seed (with the shard's name it seeds the shard's sampler: shard_seed)."""
+    out = {k: c[k] for k in ("text", "source", "itm", "itc")}
+    if c["source"] == "synthetic":
+        out["captioner"] = settings.get("captioner")
+        out["seed"] = cfg.seed
+    return out
+
+
 def output_samples(s: dict, kept: list[dict], layout: str) -> list[dict]:
     """The output sample(s) of an image with its kept captions (best first).
 
@@ -343,8 +378,8 @@ def process_shard(
         st.image_only += sum(not s["text"] for s in web)
         decisions = {}
         for s, caps in zip(web, candidates(boot, web, gen), strict=True):
+            st.dropped_by_keep_top += select(caps, cfg)
             for c in caps:
-                c["kept"] = c["itm"] >= cfg.threshold and (cfg.itc_threshold is None or c["itc"] >= cfg.itc_threshold)
                 counts[c["source"]]["in"] += 1
                 counts[c["source"]]["kept" if c["kept"] else "dropped"] += 1
             decisions[s["index"]] = caps  # by position: a key may repeat in a corrupt shard
@@ -352,7 +387,7 @@ def process_shard(
         for s in batch:
             if s["index"] in decisions:  # web data, or an image without text (synthetic captions only)
                 caps = decisions[s["index"]]
-                kept = [{k: c[k] for k in ("text", "source", "itm")} for c in caps if c["kept"]]
+                kept = [provenance(c, cfg, settings or {}) for c in ranked(caps, cfg) if c["kept"]]
             else:  # human data passes through
                 caps = None
                 kept = [{"text": t, "source": "human", "itm": None} for t in captions_of(s) if t.strip()]
@@ -392,10 +427,11 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict, made_with: dict 
             stats.append(st)
     counts = {s: Counter() for s in ("web", "synthetic", "human")}
     bad, noise, scene = Counter(), Counter(), Counter()
-    images_in = images_out = image_only = samples_out = 0
+    images_in = images_out = image_only = samples_out = top_cut = 0
     seconds = 0.0
     for st in stats:
         image_only += st.get("image_only", 0)
+        top_cut += st.get("dropped_by_keep_top", 0)
         images_in += st["images_in"]
         images_out += st["images_out"]
         samples_out += st.get("samples_out", st["images_out"])
@@ -414,6 +450,7 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict, made_with: dict 
         "images_out": images_out,
         "images_without_text": image_only,
         "samples_out": samples_out,
+        "dropped_by_keep_top": top_cut,
         "counts": {k: {"in": v["in"], "kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()},
         "bad_samples": dict(bad),
         "images_per_s": round(images_in / seconds, 3) if seconds else None,

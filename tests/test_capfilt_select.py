@@ -155,3 +155,45 @@ def test_every_consumer_reads_every_kept_caption(models, mixed, median_threshold
         assert image == src[base]
         got.setdefault(base, []).append((int(n), txt.decode()))
     assert {k: [t for _, t in sorted(v)] for k, v in got.items()} == per_image
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo world (small scale); CapFilt tests use its first web shard (150 images, 40% noisy captions)."""
+    from blip.data.demo import make_demo
+
+    d = tmp_path_factory.mktemp("demo")
+    make_demo(d, seed=0, scale="small")
+    return d / "web" / "web-00000.tar"
+
+
+DEMO = ["--num-captions", "3", "--max-length", "12", "--batch-size", "32"]
+
+
+def kept_captions(out) -> dict[str, list[dict]]:
+    return {x["key"]: x["json"]["captions"] for t in out.glob("*.tar") for x in iter_shard(t, SampleStats())}
+
+
+def test_keep_top_2_keeps_the_two_best_above_the_threshold(models, demo, tmp_path):
+    r = capfilt(models, demo, tmp_path / "all", *DEMO, "--threshold", "0.3")
+    assert r.exit_code == 0, r.output
+    r = capfilt(models, demo, tmp_path / "top", *DEMO, "--threshold", "0.3", "--keep-top", "2")
+    assert r.exit_code == 0, r.output
+    every, top = kept_captions(tmp_path / "all"), kept_captions(tmp_path / "top")
+    assert len(top) == len(every) > 100  # the same images keep something (the best one passes in both)
+    assert sum(len(v) > 2 for v in every.values()) > 20  # the cut matters
+    strip = ("text", "source", "itm")
+    for key, caps in top.items():
+        best = sorted(every[key], key=lambda c: -c["itm"])[:2]  # candidates are the same: sampling is seeded
+        assert [{k: c[k] for k in strip} for c in caps] == [{k: c[k] for k in strip} for c in best]
+        for c in caps:
+            assert c["itm"] >= 0.3 and isinstance(c["itc"], float)
+            if c["source"] == "synthetic":
+                assert c["captioner"] == str(models[0]) and c["seed"] == 0
+    s = json.loads((tmp_path / "top" / "capfilt.json").read_text())
+    cut = sum(len(v) - 2 for v in every.values() if len(v) > 2)
+    assert s["dropped_by_keep_top"] == cut and s["settings"]["keep_top"] == 2
+    assert sum(c["kept"] for c in s["counts"].values()) == sum(map(len, top.values()))
+    st = json.loads((tmp_path / "top" / "_capfilt" / "web-00000.json").read_text())
+    assert st["settings"]["keep_top"] == 2 and st["settings"]["threshold"] == 0.3
+    assert st["settings"]["captioner"] == str(models[0]) and st["settings"]["num_captions"] == 3

@@ -33,6 +33,7 @@ def run_capfilt(
     show_progress: bool = True,
     overwrite: bool = False,
     layout: str = "image",
+    keep_top: int | None = None,
 ) -> dict:
     """The flags as one `blip.capfilt.run` call, drawing progress; returns the summary (capfilt.json)."""
     from blip.capfilt import CapfiltConfig, CapfiltProgress, run
@@ -50,6 +51,7 @@ def run_capfilt(
         prompt=prompt,
         strict=strict,
         layout=layout,
+        keep_top=keep_top,
     )
     with progress() as bar:
         task = None
@@ -99,6 +101,13 @@ def capfilt(
     ] = 0,
     threshold: Annotated[float, typer.Option(help="Keep captions with ITM p(match) >= this.")] = 0.5,
     itc_threshold: Annotated[float | None, typer.Option(help="Also require ITC cosine >= this.")] = None,
+    keep_top: Annotated[
+        int | None,
+        typer.Option(
+            help="Keep at most N captions per image: the best by ITM among the web caption and the "
+            "--num-captions synthetic ones, above the threshold (BLIP-2 kept 2). Default: every caption above it."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     seed: Annotated[int, typer.Option(help="Sampling seed (combined with each shard's name).")] = 0,
     shard_index: Annotated[int, typer.Option(help="This job's index among --num-shards independent jobs.")] = 0,
@@ -165,6 +174,7 @@ def capfilt(
         device,
         overwrite=overwrite,
         layout=layout,
+        keep_top=keep_top,
     )
     if not summary:
         return
