@@ -14,6 +14,7 @@ often it is restarted.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -36,6 +37,8 @@ STATS_DIR = "_capfilt"
 SUMMARY = "capfilt.json"
 REPORT = "report.html"
 LAYOUTS = ("image", "pairs")
+HIST_BINS = 50
+CALIBRATION = "calibration.json"
 
 
 @dataclass
@@ -50,8 +53,15 @@ class CapfiltConfig:
     prompt: str = "a picture of "
     repetition_penalty: float = 1.1
     """The original's sampling setting (beam search uses 1.0)."""
-    threshold: float = 0.5
-    """Keep a caption when ITM p(match) >= threshold."""
+    threshold: float | None = None
+    """Keep a caption when ITM p(match) >= threshold; None: 0.5, or calibrated when keep_fraction is given."""
+    keep_fraction: float | None = None
+    """Instead of a threshold: the threshold that keeps this fraction of the web + synthetic captions on a seeded
+    calibration sample (`calibrate`), before keep_top and itc_threshold."""
+    calibration_shards: int = 4
+    """keep_fraction's sample: up to this many input shards, picked with the seed ..."""
+    calibration_images: int = 512
+    """... and the first this many non-human images in them, in the picked order."""
     itc_threshold: float | None = None
     """Optionally also require ITC cosine >= this."""
     keep_top: int | None = None
@@ -66,6 +76,15 @@ class CapfiltConfig:
     def __post_init__(self) -> None:
         if self.num_captions < 0:
             raise InputError(f"--num-captions must be 0 or more, got {self.num_captions}")
+        if self.keep_fraction is not None:
+            if self.threshold is not None:
+                raise InputError("threshold and keep_fraction are alternatives: give one of them")
+            if not 0 < self.keep_fraction <= 1:  # also refuses nan
+                raise InputError(f"keep_fraction: in (0, 1], got {self.keep_fraction}")
+            if self.calibration_shards < 1 or self.calibration_images < 1:
+                raise InputError("calibration_shards and calibration_images: at least 1")
+        elif self.threshold is None:
+            self.threshold = 0.5
         if self.keep_top is not None and self.keep_top < 1:
             raise InputError(f"keep_top: at least 1 (or None for no limit), got {self.keep_top}")
         if self.layout not in LAYOUTS:
@@ -88,6 +107,8 @@ class ShardStats:
     """Against the recorded scene (json.scene, the demo world): per source, captions checked / right, all and kept."""
     seconds: float = 0.0
     examples: list = field(default_factory=list)
+    itm_hist: dict = field(default_factory=dict)
+    """Per source ('web', 'synthetic'): counts of ITM p(match) in HIST_BINS equal bins over [0, 1]."""
     dropped_by_keep_top: int = 0
     """Captions that passed the thresholds but not the keep_top cut (counted as dropped too)."""
     image_only: int = 0
@@ -154,6 +175,8 @@ def source_name(src: Any) -> str | None:
 def output_settings(cfg: CapfiltConfig, captioner: Any, filter: Any) -> dict:  # noqa: A002
     """The settings that make a shard's content, as recorded in its stats and compared on a rerun."""
     d = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
+    if cfg.keep_fraction is None:
+        del d["calibration_shards"], d["calibration_images"]
     d["captioner"] = source_name(captioner) if cfg.num_captions else None  # 0: no captioner runs
     d["filter"] = source_name(filter)
     return d
@@ -169,11 +192,22 @@ def recorded_settings(out_dir: Path, shard: str) -> dict | None:
         return {}
 
 
-def settings_diff(old: dict, new: dict) -> list[str]:
-    """`key: old -> new` for every setting that differs."""
+def settings_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for every setting that differs (but those in `ignore`)."""
     if not old:
         return ["settings: not recorded (made by an older blipctl)"]
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def read_calibration(path: Path, made_with: dict) -> dict | None:
+    """A recorded calibration (`calibrate`) made with these settings (threshold aside), else None."""
+    try:
+        cal = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(cal, dict) and cal.get("settings") == made_with and isinstance(cal.get("threshold"), float)
+    return cal if ok else None
 
 
 def shard_seed(seed: int, shard: str) -> int:
@@ -369,6 +403,7 @@ def process_shard(
     bad = SampleStats()
     gen = torch.Generator(device=boot.device).manual_seed(shard_seed(cfg.seed, shard))
     out_samples = []
+    hist: dict[str, list[int]] = {}
     decided = []  # (sample json, its captions) of every web sample, for the ground-truth checks
     examples = []  # (sample, captions or None for human data, kept captions) of the first few samples
     samples = _unique_keys(iter_shard(shard, bad, strict=cfg.strict, need_caption=False), bad, cfg.strict)
@@ -380,6 +415,7 @@ def process_shard(
         for s, caps in zip(web, candidates(boot, web, gen), strict=True):
             st.dropped_by_keep_top += select(caps, cfg)
             for c in caps:
+                hist.setdefault(c["source"], [0] * HIST_BINS)[min(int(c["itm"] * HIST_BINS), HIST_BINS - 1)] += 1
                 counts[c["source"]]["in"] += 1
                 counts[c["source"]]["kept" if c["kept"] else "dropped"] += 1
             decisions[s["index"]] = caps  # by position: a key may repeat in a corrupt shard
@@ -404,12 +440,68 @@ def process_shard(
     st.samples_out = len(out_samples)
     st.counts = {k: {"in": v["in"], "kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()}
     st.bad_samples = dict(bad.bad)
+    st.itm_hist = hist
     st.noise, st.scene = report.ground_truth_checks(decided)
     st.examples = [report.example(s, caps, kept, out_dir, STATS_DIR) for s, caps, kept in examples]
     st.seconds = time.perf_counter() - t0
     write_shard(tar_path, out_samples)
     write_text(stats_path, json.dumps(asdict(st), indent=1))
     return st
+
+
+# ---- calibration (keep_fraction) --------------------------------------------------------------------------------
+def calibration_pick(shards: list[str], cfg: CapfiltConfig) -> list[str]:
+    """The calibration shards: `calibration_shards` of the inputs, a seeded random pick (in the picked order)."""
+    import random
+
+    return random.Random(cfg.seed).sample(sorted(shards), min(cfg.calibration_shards, len(shards)))
+
+
+def threshold_for_fraction(scores: list[float], fraction: float) -> float:
+    """The ITM threshold keeping round(fraction * n) of the n scores (at least one): midway between the lowest
+    kept score and the highest dropped one (the lowest score when all are kept)."""
+    s = sorted(scores)
+    n = len(s)
+    k = min(n, max(1, round(fraction * n)))
+    return s[0] if k == n else (s[n - k - 1] + s[n - k]) / 2
+
+
+def calibrate(shards: list[str], boot: Bootstrapper) -> dict:
+    """Choose the threshold for `keep_fraction` from the filter's scores on a seeded calibration sample: the first
+    `calibration_images` non-human images of `calibration_pick(shards)`, with their web caption and synthetic
+    candidates made as in the run (sampling seeded by `shard_seed(seed, "calibration")`)."""
+    from blip.data.shards import SampleStats, iter_shard
+
+    cfg = boot.cfg
+    gen = torch.Generator(device=boot.device).manual_seed(shard_seed(cfg.seed, "calibration"))
+    scores: list[float] = []
+    images, used = 0, []
+    for shard in calibration_pick(shards, cfg):
+        if images >= cfg.calibration_images:
+            break
+        used.append(Path(shard).name)
+        web = (s for s in iter_shard(shard, SampleStats(), need_caption=False) if not _is_human(s))
+        for batch in _batches(web, cfg.batch_size):
+            batch = batch[: cfg.calibration_images - images]
+            images += len(batch)
+            scores += [c["itm"] for caps in candidates(boot, batch, gen) for c in caps]
+            if images >= cfg.calibration_images:
+                break
+    if not scores:
+        raise InputError("keep_fraction: the calibration sample has no captions to score (no non-human images)")
+    t = threshold_for_fraction(scores, cfg.keep_fraction)
+    return {
+        "keep_fraction": cfg.keep_fraction,
+        "threshold": t,
+        "rule": "seeded pick of calibration_shards input shards (random.Random(seed).sample of the sorted names), "
+        "their first calibration_images non-human images; threshold midway between the lowest kept and the highest "
+        "dropped of the ITM scores of every web and synthetic candidate, keeping round(keep_fraction * n)",
+        "seed": cfg.seed,
+        "shards": used,
+        "images": images,
+        "captions": len(scores),
+        "kept_on_sample": round(sum(x >= t for x in scores) / len(scores), 4),
+    }
 
 
 # ---- summary -----------------------------------------------------------------------------------------------------
@@ -428,10 +520,13 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict, made_with: dict 
     counts = {s: Counter() for s in ("web", "synthetic", "human")}
     bad, noise, scene = Counter(), Counter(), Counter()
     images_in = images_out = image_only = samples_out = top_cut = 0
+    hists: dict[str, list[int]] = {}
     seconds = 0.0
     for st in stats:
         image_only += st.get("image_only", 0)
         top_cut += st.get("dropped_by_keep_top", 0)
+        for src, h in st.get("itm_hist", {}).items():
+            hists[src] = [a + b for a, b in zip(hists.get(src, [0] * len(h)), h, strict=True)]
         images_in += st["images_in"]
         images_out += st["images_out"]
         samples_out += st.get("samples_out", st["images_out"])
@@ -453,6 +548,7 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict, made_with: dict 
         "dropped_by_keep_top": top_cut,
         "counts": {k: {"in": v["in"], "kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()},
         "bad_samples": dict(bad),
+        "itm_histogram": {"bins": HIST_BINS, "range": [0.0, 1.0], **hists},
         "images_per_s": round(images_in / seconds, 3) if seconds else None,
         "settings": settings,
     }
@@ -527,29 +623,61 @@ def run(
         mine = assign_shards(shards, shard_index, num_shards, rank, world)
         cap_src = captioner or DEFAULT_CAPTIONER
         filt_src = filter or DEFAULT_FILTER
-        made_with = output_settings(cfg, cap_src, filt_src)
+        made_with = output_settings(cfg, cap_src, filt_src)  # threshold None while keep_fraction is uncalibrated
         # every rank checks every input shard, so all refuse together (and independent jobs alike)
         recorded = {s: rec for s in shards if (rec := recorded_settings(out_path, s)) is not None}
-        stale = {s: d for s, rec in recorded.items() if (d := settings_diff(rec, made_with))}
-        if stale and not overwrite:
-            diffs = sorted({d for ds in stale.values() for d in ds})
-            raise InputError(
-                f"out: {len(stale)} finished shard(s) in {out_path} were made with other settings "
-                f"({'; '.join(diffs)}); set overwrite to redo them with these settings, or choose another out"
-            )
+
+        def stale_shards() -> dict[str, list[str]]:
+            ignore = ("threshold",) if made_with["threshold"] is None else ()
+            stale = {s: d for s, rec in recorded.items() if (d := settings_diff(rec, made_with, ignore))}
+            if stale and not overwrite:
+                diffs = sorted({d for ds in stale.values() for d in ds})
+                raise InputError(
+                    f"out: {len(stale)} finished shard(s) in {out_path} were made with other settings "
+                    f"({'; '.join(diffs)}); set overwrite to redo them with these settings, or choose another out"
+                )
+            return stale
+
+        stale = stale_shards()
+        loaded: dict[str, Bootstrapper] = {}
+
+        def bootstrapper() -> Bootstrapper:
+            if not loaded:
+
+                def load(src: Any) -> Loaded:
+                    return src if isinstance(src, Loaded) else load_model(src, device=dev)
+
+                c = load(cap_src) if cfg.num_captions > 0 else None  # 0: filter web captions only
+                f = load(filt_src)
+                loaded["boot"] = Bootstrapper(c and c.model, c and c.tokenizer, f.model, f.tokenizer, cfg)
+            return loaded["boot"]
+
+        calibration = None
+        if cfg.keep_fraction is not None:
+            cal_path = out_path / STATS_DIR / CALIBRATION
+            calibration = read_calibration(cal_path, made_with)
+            if calibration is None and rank == 0:
+                calibration = {**calibrate(shards, bootstrapper()), "settings": made_with}
+                write_text(cal_path, json.dumps(calibration, indent=1) + "\n")
+            barrier(info)
+            calibration = calibration or read_calibration(cal_path, made_with)
+            if calibration is None:
+                raise RuntimeError(f"{cal_path}: rank 0's calibration is missing")
+            cfg = copy.copy(cfg)  # not dataclasses.replace: threshold and keep_fraction are alternatives
+            cfg.threshold = calibration["threshold"]
+            if loaded:
+                loaded["boot"].cfg = cfg
+            made_with = {**made_with, "threshold": cfg.threshold}
+            stale = stale_shards()
         todo = [s for s in mine if s in stale or s not in recorded]
         settings = {**asdict(cfg), **made_with, "inputs": inputs}
+        if calibration is not None:
+            settings["calibration"] = {k: v for k, v in calibration.items() if k != "settings"}
         prog = CapfiltProgress(len(shards), len(mine), len(mine) - len(todo), rank=rank, world_size=world)
         if on_progress:
             on_progress(prog)
         if todo:
-
-            def load(src: Any) -> Loaded:
-                return src if isinstance(src, Loaded) else load_model(src, device=dev)
-
-            c = load(cap_src) if cfg.num_captions > 0 else None  # 0: filter web captions only
-            f = load(filt_src)
-            boot = Bootstrapper(c and c.model, c and c.tokenizer, f.model, f.tokenizer, cfg)
+            boot = bootstrapper()
             t0 = time.perf_counter()
 
             def seen(k: int) -> None:

@@ -97,6 +97,42 @@ def add_checks(summary: dict, noise: Counter, scene: Counter) -> None:
         }
 
 
+def histogram_svg(counts: list[int], threshold: float | None, title: str) -> str:
+    """An inline SVG bar chart of ITM p(match) counts in equal bins over [0, 1], the threshold drawn as a red line
+    (captions right of it pass)."""
+    w, h, left, bottom, top = 560, 170, 40, 28, 22
+    pw, ph = w - left - 10, h - bottom - top
+    peak = max(counts) or 1
+    bw = pw / len(counts)
+    bars = "".join(
+        f'<rect x="{left + i * bw:.1f}" y="{top + ph - ph * c / peak:.1f}" width="{max(bw - 1, 1):.1f}" '
+        f'height="{ph * c / peak:.1f}" fill="#4a78b5"><title>{i / len(counts):.2f}-{(i + 1) / len(counts):.2f}: '
+        f"{c}</title></rect>"
+        for i, c in enumerate(counts)
+        if c
+    )
+    ticks = "".join(
+        f'<line x1="{left + pw * t:.1f}" y1="{top + ph}" x2="{left + pw * t:.1f}" y2="{top + ph + 4}" stroke="#333"/>'
+        f'<text x="{left + pw * t:.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{t:.1f}</text>'
+        for t in (0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    )
+    line = ""
+    if threshold is not None:
+        x = left + pw * threshold
+        line = (
+            f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{top + ph}" stroke="#d00" stroke-width="2"/>'
+            f'<text x="{x + 4:.1f}" y="{top + 8}" font-size="11" fill="#d00">threshold {threshold:.3f}</text>'
+        )
+    n = sum(counts)
+    return (
+        f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
+        f'aria-label="{html.escape(title)}"><text x="{left}" y="14" font-size="13" font-weight="bold">'
+        f"{html.escape(title)} ({n} captions; peak bin {peak})</text>"
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>'
+        f"{bars}{ticks}{line}</svg>"
+    )
+
+
 def render_report(summary: dict, examples: list[dict]) -> str:
     """A static page: the summary numbers, then thumbnails with web/synthetic captions, scores and decisions."""
     esc = html.escape
@@ -129,6 +165,23 @@ def render_report(summary: dict, examples: list[dict]) -> str:
             f"<p>Filter vs known noise labels: precision {f['precision']}, recall {f['recall']} "
             f"(noisy web captions removed {f['noisy_removed']}, clean kept {f['clean_kept']}).</p>"
         )
+    settings = summary.get("settings", {})
+    hist = summary.get("itm_histogram", {})
+    charts = "".join(
+        histogram_svg(hist[src], settings.get("threshold"), f"ITM p(match), {src} captions")
+        for src in ("web", "synthetic")
+        if sum(hist.get(src, [])) > 0
+    )
+    cal = settings.get("calibration")
+    how = (
+        f"threshold {cal['threshold']:.4f} chosen to keep {cal['keep_fraction']} of the captions on a calibration "
+        f"sample of {cal['images']} images ({cal['captions']} captions) from {', '.join(map(esc, cal['shards']))} "
+        f"(seed {cal['seed']}); it kept {cal['kept_on_sample']} there"
+        if cal
+        else f"threshold {settings.get('threshold')} (given)"
+    )
+    if charts:
+        extra += f'<h2>Filter scores</h2><p id="threshold">{how}.</p><div id="histograms">{charts}</div>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>blipctl CapFilt report</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;

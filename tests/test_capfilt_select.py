@@ -197,3 +197,32 @@ def test_keep_top_2_keeps_the_two_best_above_the_threshold(models, demo, tmp_pat
     st = json.loads((tmp_path / "top" / "_capfilt" / "web-00000.json").read_text())
     assert st["settings"]["keep_top"] == 2 and st["settings"]["threshold"] == 0.3
     assert st["settings"]["captioner"] == str(models[0]) and st["settings"]["num_captions"] == 3
+
+
+def test_keep_fraction_calibrates_the_threshold(models, demo, tmp_path):
+    out = tmp_path / "o"
+    args = [*DEMO, "--keep-fraction", "0.5", "--calibration-images", "96"]
+    r = capfilt(models, demo, out, *args)
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "capfilt.json").read_text())
+    cal = s["settings"]["calibration"]
+    assert cal["shards"] == ["web-00000.tar"] and cal["images"] == 96 and cal["captions"] == 96 * 4
+    assert abs(cal["kept_on_sample"] - 0.5) <= 0.01  # exact up to ties on the sample itself
+    assert s["settings"]["threshold"] == cal["threshold"] and s["settings"]["keep_fraction"] == 0.5
+    assert 0 < cal["threshold"] < 1
+    # on the whole shard (150 images, 600 captions) the kept fraction is within 0.1 of 0.5
+    kept = s["counts"]["web"]["kept"] + s["counts"]["synthetic"]["kept"]
+    total = s["counts"]["web"]["in"] + s["counts"]["synthetic"]["in"]
+    assert total == 600 and abs(kept / total - 0.5) <= 0.1, kept / total
+    # the histograms of the report: one per source, counting every caption, the threshold drawn on both
+    assert sum(s["itm_histogram"]["web"]) == 150 and sum(s["itm_histogram"]["synthetic"]) == 450
+    page = (out / "report.html").read_text()
+    assert page.count("<svg") == 2 and page.count('stroke="#d00"') == 2
+    assert page.count(f">threshold {cal['threshold']:.3f}</text>") == 2
+    # a rerun with the same settings reuses the calibration and finds the shard done
+    r = capfilt(models, demo, out, *args)
+    assert r.exit_code == 0 and "1 already done" in r.output, r.output
+    r = capfilt(models, demo, out, *DEMO, "--keep-fraction", "0.3", "--calibration-images", "96")
+    assert r.exit_code == 2 and "keep_fraction: 0.5 -> 0.3" in r.output, r.output
+    r = capfilt(models, demo, tmp_path / "x", *args, "--threshold", "0.5")
+    assert r.exit_code == 2 and "alternatives" in r.output and not (tmp_path / "x").exists()

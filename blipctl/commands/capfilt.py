@@ -19,7 +19,7 @@ def run_capfilt(
     num_captions: int = 1,
     top_p: float = 0.9,
     num_beams: int = 0,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     itc_threshold: float | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -34,6 +34,9 @@ def run_capfilt(
     overwrite: bool = False,
     layout: str = "image",
     keep_top: int | None = None,
+    keep_fraction: float | None = None,
+    calibration_images: int = 512,
+    calibration_shards: int = 4,
 ) -> dict:
     """The flags as one `blip.capfilt.run` call, drawing progress; returns the summary (capfilt.json)."""
     from blip.capfilt import CapfiltConfig, CapfiltProgress, run
@@ -52,6 +55,9 @@ def run_capfilt(
         strict=strict,
         layout=layout,
         keep_top=keep_top,
+        keep_fraction=keep_fraction,
+        calibration_images=calibration_images,
+        calibration_shards=calibration_shards,
     )
     with progress() as bar:
         task = None
@@ -99,7 +105,23 @@ def capfilt(
     num_beams: Annotated[
         int, typer.Option(help="Use beam search with this width instead of sampling (0 = sample).")
     ] = 0,
-    threshold: Annotated[float, typer.Option(help="Keep captions with ITM p(match) >= this.")] = 0.5,
+    threshold: Annotated[
+        float | None, typer.Option(help="Keep captions with ITM p(match) >= this (default 0.5; see --keep-fraction).")
+    ] = None,
+    keep_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Instead of --threshold: choose the threshold that keeps this fraction of the web + synthetic "
+            "captions on a seeded calibration sample (--calibration-shards, --calibration-images); it is written "
+            "to capfilt.json and _capfilt/calibration.json, and drawn on report.html's score histograms."
+        ),
+    ] = None,
+    calibration_shards: Annotated[
+        int, typer.Option(help="--keep-fraction: input shards in the calibration sample (a seeded pick).")
+    ] = 4,
+    calibration_images: Annotated[
+        int, typer.Option(help="--keep-fraction: images in the calibration sample (the first ones of those shards).")
+    ] = 512,
     itc_threshold: Annotated[float | None, typer.Option(help="Also require ITC cosine >= this.")] = None,
     keep_top: Annotated[
         int | None,
@@ -175,6 +197,9 @@ def capfilt(
         overwrite=overwrite,
         layout=layout,
         keep_top=keep_top,
+        keep_fraction=keep_fraction,
+        calibration_images=calibration_images,
+        calibration_shards=calibration_shards,
     )
     if not summary:
         return
@@ -184,6 +209,12 @@ def capfilt(
     for src, c in summary["counts"].items():
         table.add_row(src, str(c["in"]), str(c["kept"]), str(c["dropped"]))
     out.print(table)
+    cal = summary["settings"].get("calibration")
+    if cal:
+        out.print(
+            f"threshold {cal['threshold']:.4f}: keeps {cal['kept_on_sample']} of {cal['captions']} captions on the "
+            f"calibration sample ({cal['images']} images from {len(cal['shards'])} shard(s), seed {cal['seed']})"
+        )
     out.print(
         f"{summary['images_in']} images in ({summary.get('images_without_text', 0)} images without text: "
         f"synthetic captions only), {summary['images_out']} out"
