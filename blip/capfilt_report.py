@@ -97,39 +97,54 @@ def add_checks(summary: dict, noise: Counter, scene: Counter) -> None:
         }
 
 
-def histogram_svg(counts: list[int], threshold: float | None, title: str) -> str:
-    """An inline SVG bar chart of ITM p(match) counts in equal bins over [0, 1], the threshold drawn as a red line
-    (captions right of it pass)."""
-    w, h, left, bottom, top = 560, 170, 40, 28, 22
-    pw, ph = w - left - 10, h - bottom - top
-    peak = max(counts) or 1
-    bw = pw / len(counts)
-    bars = "".join(
+def histogram_svg(counts: list[int], threshold: float | None, title: str, bars: int = 60) -> str:
+    """An inline SVG bar chart of ITM p(match) counts (equal bins over [0, 1]), zoomed to the scores' range and the
+    threshold (a filter's scores may all sit within a few hundredths), the threshold drawn as a red line."""
+    n_bins = len(counts)
+    nz = [i for i, c in enumerate(counts) if c]
+    lo, hi = (nz[0], nz[-1] + 1) if nz else (0, n_bins)
+    if threshold is not None:
+        t_bin = min(int(threshold * n_bins), n_bins - 1)
+        lo, hi = min(lo, t_bin), max(hi, t_bin + 1)
+    pad = max(1, (hi - lo) // 10)
+    lo, hi = max(0, lo - pad), min(n_bins, hi + pad)
+    group = -(-(hi - lo) // bars)  # bins per bar
+    hi = min(n_bins, lo + group * -(-(hi - lo) // group))
+    merged = [sum(counts[i : i + group]) for i in range(lo, hi, group)]
+    x0, x1 = lo / n_bins, hi / n_bins  # the value range drawn
+    w, h, left, right, bottom, top = 560, 186, 40, 28, 28, 42
+    pw, ph = w - left - right, h - bottom - top
+    peak = max(merged) or 1
+    bw = pw / len(merged)
+
+    def x(v: float) -> float:
+        return left + pw * (v - x0) / (x1 - x0)
+
+    rects = "".join(
         f'<rect x="{left + i * bw:.1f}" y="{top + ph - ph * c / peak:.1f}" width="{max(bw - 1, 1):.1f}" '
-        f'height="{ph * c / peak:.1f}" fill="#4a78b5"><title>{i / len(counts):.2f}-{(i + 1) / len(counts):.2f}: '
-        f"{c}</title></rect>"
-        for i, c in enumerate(counts)
+        f'height="{ph * c / peak:.1f}" fill="#4a78b5"><title>{(lo + i * group) / n_bins:.3f}-'
+        f"{(lo + (i + 1) * group) / n_bins:.3f}: {c}</title></rect>"
+        for i, c in enumerate(merged)
         if c
     )
     ticks = "".join(
-        f'<line x1="{left + pw * t:.1f}" y1="{top + ph}" x2="{left + pw * t:.1f}" y2="{top + ph + 4}" stroke="#333"/>'
-        f'<text x="{left + pw * t:.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{t:.1f}</text>'
-        for t in (0, 0.2, 0.4, 0.6, 0.8, 1.0)
+        f'<line x1="{x(v):.1f}" y1="{top + ph}" x2="{x(v):.1f}" y2="{top + ph + 4}" stroke="#333"/>'
+        f'<text x="{x(v):.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{v:.3f}</text>'
+        for v in (x0 + (x1 - x0) * k / 4 for k in range(5))
     )
     line = ""
     if threshold is not None:
-        x = left + pw * threshold
         line = (
-            f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{top + ph}" stroke="#d00" stroke-width="2"/>'
-            f'<text x="{x + 4:.1f}" y="{top + 8}" font-size="11" fill="#d00">threshold {threshold:.3f}</text>'
+            f'<line x1="{x(threshold):.1f}" y1="{top - 2}" x2="{x(threshold):.1f}" y2="{top + ph}" stroke="#d00" '
+            f'stroke-width="2"/><text x="{x(threshold):.1f}" y="{top - 6}" font-size="11" fill="#d00" '
+            f'text-anchor="middle">threshold {threshold:.3f}</text>'
         )
-    n = sum(counts)
     return (
         f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
         f'aria-label="{html.escape(title)}"><text x="{left}" y="14" font-size="13" font-weight="bold">'
-        f"{html.escape(title)} ({n} captions; peak bin {peak})</text>"
+        f"{html.escape(title)}: {sum(counts)} captions, scores {x0:.3f}-{x1:.3f} shown</text>"
         f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>'
-        f"{bars}{ticks}{line}</svg>"
+        f"{rects}{ticks}{line}</svg>"
     )
 
 
