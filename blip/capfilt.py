@@ -2,8 +2,11 @@
 
 For every web image the captioner writes synthetic captions (nucleus sampling, top-p 0.9 as the paper found
 best); the filter scores the web caption and each synthetic caption with ITM; captions whose match probability
-is below the threshold (0.5) are dropped. Human-annotated samples pass through untouched. The output is one
-webdataset shard per input shard (same stem), which the training loader reads (every kept caption is a pair).
+is below the threshold (0.5, or one calibrated to keep a given fraction: `keep_fraction`) are dropped, and
+`keep_top` keeps only the best few per image. Images without any text get synthetic captions only;
+human-annotated samples pass through untouched. The output is one webdataset shard per input shard (same stem):
+one sample per image (`txt` = the first kept caption, `json.captions` = all, with provenance) or, with layout
+"pairs", one sample per kept caption (DESIGN §5, §11).
 
 Built for very large runs: input shards are processed one at a time (streaming), split across torchrun ranks
 and independent jobs (`shard_index/num_shards`), each output written to a temporary name and renamed when
@@ -605,7 +608,9 @@ def run(
     models) or a loaded `blip.checkpoint.Loaded`. Under torchrun the ranks split the shards; `shard_index` of
     `num_shards` splits them between independent jobs. Finished shards (output and stats present) are skipped;
     a finished shard made with other settings (model sources, sampling, threshold, ...: `output_settings`) is an
-    InputError naming the differences, unless `overwrite`, which redoes it.
+    InputError naming the differences, unless `overwrite`, which redoes it. `out` must not hold an input shard
+    nor lie in an input directory. With `config.keep_fraction`, rank 0 first calibrates the threshold
+    (`calibrate`; kept in out/_capfilt/calibration.json and reused by reruns and the other ranks).
     """
     from blip.checkpoint import DEFAULT_CAPTIONER, DEFAULT_FILTER, Loaded, load_model
     from blip.data.shards import expand_shards

@@ -174,6 +174,8 @@ def capfilt(
       torchrun --nproc_per_node 8 -m blipctl capfilt --in 'web/{00000..09999}.tar' --out clean/
 
       blipctl capfilt --in web/ --out clean/ --shard-index $SLURM_ARRAY_TASK_ID --num-shards 100
+
+      blipctl capfilt --in laion/ --out clean/ --num-captions 3 --keep-top 2 --keep-fraction 0.5 --layout pairs
     """
     summary = run_capfilt(
         inputs,
