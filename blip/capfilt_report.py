@@ -20,8 +20,11 @@ OUTCOME = {(True, True): "tp", (False, True): "fp", (True, False): "fn", (False,
 
 
 def example(sample: dict, caps: list | None, kept: list, out_dir: Path, stats_dir: str) -> dict:
-    """A report row: a thumbnail file plus the texts, scores and decisions."""
-    thumb_rel = f"{stats_dir}/thumbs/{Path(sample['shard']).stem}_{sample['key']}.jpg"
+    """A report row: a thumbnail file plus the texts, scores and decisions.
+
+    The thumbnail is named by the sample's position in its shard, never by its key: a key is data from the input
+    and must not pick a path (the shard reader refuses unsafe keys too)."""
+    thumb_rel = f"{stats_dir}/thumbs/{Path(sample['shard']).stem}_{int(sample['index']):06d}.jpg"
     thumb = out_dir / thumb_rel
     thumb.parent.mkdir(parents=True, exist_ok=True)
     im = sample["image"].copy()
@@ -58,7 +61,7 @@ def ground_truth_checks(decided: list[tuple[dict, list[dict]]]) -> tuple[dict, d
                 for group in ("all", "kept") if c["kept"] else ("all",):
                     scene[f"{c['source']}/{group}/checked"] += 1
                     scene[f"{c['source']}/{group}/right"] += right
-        if "noise" in meta:
+        if "noise" in meta and caps and caps[0]["source"] == "web":  # labels are about the web caption
             noisy, dropped = bool(meta["noise"]), not caps[0]["kept"]
             noise[OUTCOME[(noisy, dropped)]] += 1
     return dict(noise), dict(scene)
@@ -94,6 +97,57 @@ def add_checks(summary: dict, noise: Counter, scene: Counter) -> None:
         }
 
 
+def histogram_svg(counts: list[int], threshold: float | None, title: str, bars: int = 60) -> str:
+    """An inline SVG bar chart of ITM p(match) counts (equal bins over [0, 1]), zoomed to the scores' range and the
+    threshold (a filter's scores may all sit within a few hundredths), the threshold drawn as a red line."""
+    n_bins = len(counts)
+    nz = [i for i, c in enumerate(counts) if c]
+    lo, hi = (nz[0], nz[-1] + 1) if nz else (0, n_bins)
+    if threshold is not None:
+        t_bin = min(int(threshold * n_bins), n_bins - 1)
+        lo, hi = min(lo, t_bin), max(hi, t_bin + 1)
+    pad = max(1, (hi - lo) // 10)
+    lo, hi = max(0, lo - pad), min(n_bins, hi + pad)
+    group = -(-(hi - lo) // bars)  # bins per bar
+    hi = min(n_bins, lo + group * -(-(hi - lo) // group))
+    merged = [sum(counts[i : i + group]) for i in range(lo, hi, group)]
+    x0, x1 = lo / n_bins, hi / n_bins  # the value range drawn
+    w, h, left, right, bottom, top = 560, 186, 40, 28, 28, 42
+    pw, ph = w - left - right, h - bottom - top
+    peak = max(merged) or 1
+    bw = pw / len(merged)
+
+    def x(v: float) -> float:
+        return left + pw * (v - x0) / (x1 - x0)
+
+    rects = "".join(
+        f'<rect x="{left + i * bw:.1f}" y="{top + ph - ph * c / peak:.1f}" width="{max(bw - 1, 1):.1f}" '
+        f'height="{ph * c / peak:.1f}" fill="#4a78b5"><title>{(lo + i * group) / n_bins:.3f}-'
+        f"{(lo + (i + 1) * group) / n_bins:.3f}: {c}</title></rect>"
+        for i, c in enumerate(merged)
+        if c
+    )
+    ticks = "".join(
+        f'<line x1="{x(v):.1f}" y1="{top + ph}" x2="{x(v):.1f}" y2="{top + ph + 4}" stroke="#333"/>'
+        f'<text x="{x(v):.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{v:.3f}</text>'
+        for v in (x0 + (x1 - x0) * k / 4 for k in range(5))
+    )
+    line = ""
+    if threshold is not None:
+        line = (
+            f'<line x1="{x(threshold):.1f}" y1="{top - 2}" x2="{x(threshold):.1f}" y2="{top + ph}" stroke="#d00" '
+            f'stroke-width="2"/><text x="{x(threshold):.1f}" y="{top - 6}" font-size="11" fill="#d00" '
+            f'text-anchor="middle">threshold {threshold:.3f}</text>'
+        )
+    return (
+        f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
+        f'aria-label="{html.escape(title)}"><text x="{left}" y="14" font-size="13" font-weight="bold">'
+        f"{html.escape(title)}: {sum(counts)} captions, scores {x0:.3f}-{x1:.3f} shown</text>"
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>'
+        f"{rects}{ticks}{line}</svg>"
+    )
+
+
 def render_report(summary: dict, examples: list[dict]) -> str:
     """A static page: the summary numbers, then thumbnails with web/synthetic captions, scores and decisions."""
     esc = html.escape
@@ -126,6 +180,23 @@ def render_report(summary: dict, examples: list[dict]) -> str:
             f"<p>Filter vs known noise labels: precision {f['precision']}, recall {f['recall']} "
             f"(noisy web captions removed {f['noisy_removed']}, clean kept {f['clean_kept']}).</p>"
         )
+    settings = summary.get("settings", {})
+    hist = summary.get("itm_histogram", {})
+    charts = "".join(
+        histogram_svg(hist[src], settings.get("threshold"), f"ITM p(match), {src} captions")
+        for src in ("web", "synthetic")
+        if sum(hist.get(src, [])) > 0
+    )
+    cal = settings.get("calibration")
+    how = (
+        f"threshold {cal['threshold']:.4f} chosen to keep {cal['keep_fraction']} of the captions on a calibration "
+        f"sample of {cal['images']} images ({cal['captions']} captions) from {', '.join(map(esc, cal['shards']))} "
+        f"(seed {cal['seed']}); it kept {cal['kept_on_sample']} there"
+        if cal
+        else f"threshold {settings.get('threshold')} (given)"
+    )
+    if charts:
+        extra += f'<h2>Filter scores</h2><p id="threshold">{how}.</p><div id="histograms">{charts}</div>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>blipctl CapFilt report</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
@@ -133,8 +204,9 @@ padding:4px 8px}} .ex{{display:flex;gap:1em;margin:1em 0;border-bottom:1px solid
 .ex img{{width:160px;height:auto}} .kept{{color:#155724}} .dropped{{color:#a00;text-decoration:line-through}}
 .src{{font-size:80%;background:#eee;padding:1px 4px}} .key{{color:#666}} .truth{{font-size:90%}}</style></head>
 <body><h1>CapFilt report</h1>
-<p>{summary["shards_done"]}/{summary["shards_total"]} shards, {summary["images_in"]} images in,
-{summary["images_out"]} out, {summary["images_per_s"]} images/s; web noise ratio {summary["web_noise_ratio"]}.</p>
+<p>{summary["shards_done"]}/{summary["shards_total"]} shards, {summary["images_in"]} images in
+({summary.get("images_without_text", 0)} without text: synthetic captions only), {summary["images_out"]} out,
+{summary["images_per_s"]} images/s; web noise ratio {summary["web_noise_ratio"]}.</p>
 <table id="counts"><tr><th>source</th><th>in</th><th>kept</th><th>dropped</th></tr>{table}</table>{extra}
 <h2>Examples</h2>{"".join(rows)}
 </body></html>

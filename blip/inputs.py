@@ -39,7 +39,7 @@ def iter_inputs(inputs: list[str], stats: Any = None) -> Iterator[tuple[str, Any
             yield from iter_inputs([str(f) for f in files], stats)
         else:
             for shard in expand_shards(item):
-                for s in iter_shard(shard, stats):
+                for s in iter_shard(shard, stats, need_caption=False):  # captioning needs no caption
                     yield f"{Path(shard).name}/{s['key']}", s["image"]
 
 

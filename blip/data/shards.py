@@ -41,14 +41,33 @@ REASONS = {
     "undecodable_image": "the image bytes do not decode (corrupt, truncated, unknown format)",
     "unsupported_format": "the image decodes but is not JPEG, PNG or WebP (annotation-list conversion)",
     "absurd_size": "the image is tiny, enormous or absurdly thin",
-    "missing_caption": "no txt member and no json.captions",
+    "missing_caption": "no txt member, json.caption or json.captions (caption and capfilt accept such samples)",
     "empty_caption": "every caption is empty after cleaning (pre_caption)",
     "bad_utf8": "the caption or json is not valid UTF-8",
     "bad_json": "the json member is not a JSON object",
+    "duplicate_key": "the key appeared earlier in the same shard (CapFilt keeps the first)",
+    "unsafe_key": "the sample key is absolute or has '..', '.', empty parts, a backslash or a control character "
+    "(written out, it could name a file outside the output directory)",
 }
 """Why a sample (or a whole shard) is skipped; the keys are what SampleStats counts."""
 
 _NAME = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")  # webdataset's key/extension split: "dir/key.ext.s"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def unsafe_key(key: str) -> str | None:
+    """Why a sample key must not become a file or member name, or None when it is safe.
+
+    A key may hold "/" (webdataset's sub-directories inside a tar), but every part must be a plain name: no
+    "..", ".", empty part (so no leading "/"), backslash or control character (NUL included).
+    """
+    if not key:
+        return "empty key"
+    if _CONTROL.search(key):
+        return "a backslash or control character"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "an absolute path or a '.', '..' or empty part"
+    return None
 
 
 # ---- finding shards ----------------------------------------------------------------------------------------------
@@ -179,7 +198,7 @@ def _scene_problem(scene: Any) -> str | None:
     return None
 
 
-def _validate(group: dict[str, bytes | int], decode: bool) -> dict[str, Any]:
+def _validate(group: dict[str, bytes | int], decode: bool, need_caption: bool = True) -> dict[str, Any]:
     """A raw member group -> sample fields, or BadSample. Cheap checks (text) run before the image decode."""
     meta: dict = {}
     if "json" in group:
@@ -196,17 +215,21 @@ def _validate(group: dict[str, bytes | int], decode: bool) -> dict[str, Any]:
         if "scene" in meta and (problem := _scene_problem(meta["scene"])):
             raise BadSample("bad_json", problem)
     candidates = _caption_texts(meta)
+    if not candidates and isinstance(meta.get("caption"), str):  # img2dataset's copy of the caption column
+        candidates = [meta["caption"]]
     if "txt" in group:
         try:
             txt = bytes(group["txt"]).decode("utf-8").lstrip("\ufeff").strip()
         except UnicodeDecodeError as e:
             raise BadSample("bad_utf8", f"txt: {e}") from None
         candidates.insert(0, txt)
-    elif not candidates:
-        raise BadSample("missing_caption", "no txt member and no json.captions")
+    elif not candidates and need_caption:
+        raise BadSample("missing_caption", "no txt member, json.caption or json.captions")
     text = next((t.strip() for t in candidates if pre_caption(t)), None)
     if text is None:
-        raise BadSample("empty_caption", "every caption is empty after cleaning")
+        if need_caption:
+            raise BadSample("empty_caption", "every caption is empty after cleaning")
+        text = ""  # an image-only sample: captioning and CapFilt need no text
     ext = next((e for e in IMAGE_EXTS if e in group), None)
     if ext is None:
         raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
@@ -228,6 +251,7 @@ def iter_shard(
     *,
     decode: bool = True,
     subset: tuple[int, int] | None = None,
+    need_caption: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Read ONE tar sequentially; yield validated samples
     `{"key", "image" (PIL RGB), "image_bytes", "image_ext", "text", "json", "shard", "index"}`.
@@ -238,13 +262,17 @@ def iter_shard(
     `missing_shard`.
 
     decode=False skips reading and decoding images (image and image_bytes are None): for counting and captions.
+    need_caption=False yields image-only samples (no caption, or only empty ones) with text "" instead of counting
+    them as missing_caption / empty_caption: for captioning and CapFilt, which need only the image.
     subset=(n, k) keeps only samples whose position in the shard is k modulo n (the others are neither read nor
     checked nor counted): how several readers share a shard.
     """
     path = os.fspath(path)
     for key, index, group in iter_groups(path, stats, strict, read_images=decode, subset=subset):
         try:
-            sample = _validate(group, decode)
+            if why := unsafe_key(key):
+                raise BadSample("unsafe_key", why)
+            sample = _validate(group, decode, need_caption)
         except BadSample as e:
             _reject(stats, strict, f"{path}: sample {key!r}", e.reason, e.detail)
             continue
@@ -352,6 +380,8 @@ def encode_sample(sample: Mapping[str, Any]) -> list[tuple[str, bytes]]:
     key = sample.get("__key__")
     if not isinstance(key, str) or not key or "." in key.rsplit("/", 1)[-1]:
         raise ValueError(f"bad sample __key__ {key!r}: a non-empty string without '.' in its last part")
+    if why := unsafe_key(key):  # never write a member name that extracts outside the directory
+        raise ValueError(f"unsafe sample __key__ {key!r}: {why}")
     members = []
     for ext in sorted(sample):
         if ext.startswith("_"):

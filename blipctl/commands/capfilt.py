@@ -19,7 +19,7 @@ def run_capfilt(
     num_captions: int = 1,
     top_p: float = 0.9,
     num_beams: int = 0,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     itc_threshold: float | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -31,6 +31,12 @@ def run_capfilt(
     strict: bool = False,
     device: str = "auto",
     show_progress: bool = True,
+    overwrite: bool = False,
+    layout: str = "image",
+    keep_top: int | None = None,
+    keep_fraction: float | None = None,
+    calibration_images: int = 512,
+    calibration_shards: int = 4,
 ) -> dict:
     """The flags as one `blip.capfilt.run` call, drawing progress; returns the summary (capfilt.json)."""
     from blip.capfilt import CapfiltConfig, CapfiltProgress, run
@@ -47,6 +53,11 @@ def run_capfilt(
         min_length=min_length,
         prompt=prompt,
         strict=strict,
+        layout=layout,
+        keep_top=keep_top,
+        keep_fraction=keep_fraction,
+        calibration_images=calibration_images,
+        calibration_shards=calibration_shards,
     )
     with progress() as bar:
         task = None
@@ -73,6 +84,7 @@ def run_capfilt(
             shard_index=shard_index,
             num_shards=num_shards,
             device=device,
+            overwrite=overwrite,
             on_progress=show,
         )
 
@@ -93,8 +105,31 @@ def capfilt(
     num_beams: Annotated[
         int, typer.Option(help="Use beam search with this width instead of sampling (0 = sample).")
     ] = 0,
-    threshold: Annotated[float, typer.Option(help="Keep captions with ITM p(match) >= this.")] = 0.5,
+    threshold: Annotated[
+        float | None, typer.Option(help="Keep captions with ITM p(match) >= this (default 0.5; see --keep-fraction).")
+    ] = None,
+    keep_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Instead of --threshold: choose the threshold that keeps this fraction of the web + synthetic "
+            "captions on a seeded calibration sample (--calibration-shards, --calibration-images); it is written "
+            "to capfilt.json and _capfilt/calibration.json, and drawn on report.html's score histograms."
+        ),
+    ] = None,
+    calibration_shards: Annotated[
+        int, typer.Option(help="--keep-fraction: input shards in the calibration sample (a seeded pick).")
+    ] = 4,
+    calibration_images: Annotated[
+        int, typer.Option(help="--keep-fraction: images in the calibration sample (the first ones of those shards).")
+    ] = 512,
     itc_threshold: Annotated[float | None, typer.Option(help="Also require ITC cosine >= this.")] = None,
+    keep_top: Annotated[
+        int | None,
+        typer.Option(
+            help="Keep at most N captions per image: the best by ITM among the web caption and the "
+            "--num-captions synthetic ones, above the threshold (BLIP-2 kept 2). Default: every caption above it."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     seed: Annotated[int, typer.Option(help="Sampling seed (combined with each shard's name).")] = 0,
     shard_index: Annotated[int, typer.Option(help="This job's index among --num-shards independent jobs.")] = 0,
@@ -106,12 +141,29 @@ def capfilt(
     prompt: Annotated[str, typer.Option(help="Captioner prompt (removed from the caption).")] = "a picture of ",
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first bad input sample.")] = False,
     device: DeviceOpt = "auto",
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="image: one sample per image (txt = first kept caption, json.captions = all kept); "
+            "pairs: one sample per kept caption, keys <key>_<n>, for loaders that read txt only (open_clip)."
+        ),
+    ] = "image",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Redo finished output shards made with other settings (without it such a rerun is refused).",
+        ),
+    ] = False,
 ) -> None:
     """Bootstrap a cleaner dataset: caption web images, filter web and synthetic captions with ITM.
 
     Every web image gets --num-captions synthetic captions (nucleus sampling); the filter keeps each caption,
-    web or synthetic, whose ITM match probability reaches --threshold. Human-annotated samples (json source
-    "human") pass through. Finished shards are skipped on rerun; a killed run resumes where it stopped.
+    web or synthetic, whose ITM match probability reaches --threshold. Images without any text (e.g.
+    img2dataset output made without a caption column) get synthetic captions only. Human-annotated samples (json source
+    "human") pass through. Finished shards are skipped on rerun; a killed run resumes where it stopped. Each
+    shard records the settings that made it: a rerun with other settings is refused (exit 2, the differences
+    named) unless --overwrite, which redoes those shards.
     On the demo world (`blipctl data demo`) capfilt.json also scores the filter against the known noise labels
     and checks every caption against the recorded scene.
 
@@ -122,6 +174,8 @@ def capfilt(
       torchrun --nproc_per_node 8 -m blipctl capfilt --in 'web/{00000..09999}.tar' --out clean/
 
       blipctl capfilt --in web/ --out clean/ --shard-index $SLURM_ARRAY_TASK_ID --num-shards 100
+
+      blipctl capfilt --in laion/ --out clean/ --num-captions 3 --keep-top 2 --keep-fraction 0.5 --layout pairs
     """
     summary = run_capfilt(
         inputs,
@@ -142,6 +196,12 @@ def capfilt(
         prompt,
         strict,
         device,
+        overwrite=overwrite,
+        layout=layout,
+        keep_top=keep_top,
+        keep_fraction=keep_fraction,
+        calibration_images=calibration_images,
+        calibration_shards=calibration_shards,
     )
     if not summary:
         return
@@ -151,6 +211,18 @@ def capfilt(
     for src, c in summary["counts"].items():
         table.add_row(src, str(c["in"]), str(c["kept"]), str(c["dropped"]))
     out.print(table)
+    cal = summary["settings"].get("calibration")
+    if cal:
+        out.print(
+            f"threshold {cal['threshold']:.4f}: keeps {cal['kept_on_sample']} of {cal['captions']} captions on the "
+            f"calibration sample ({cal['images']} images from {len(cal['shards'])} shard(s), seed {cal['seed']})"
+        )
+    out.print(
+        f"{summary['images_in']} images in ({summary.get('images_without_text', 0)} images without text: "
+        f"synthetic captions only), {summary['images_out']} out"
+    )
+    if summary.get("bad_samples"):
+        out.print("bad samples skipped: " + ", ".join(f"{n} {k}" for k, n in sorted(summary["bad_samples"].items())))
     if "filter_vs_noise_labels" in summary:
         f = summary["filter_vs_noise_labels"]
         out.print(
