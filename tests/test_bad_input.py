@@ -209,7 +209,7 @@ def test_capfilt_skips_malformed_json(tmp_path, ckpt):
 
 
 def test_pretrain_skips_malformed_json(tmp_path):
-    from test_train_support import micro_init, read_metrics
+    from helpers import micro_init, read_metrics
 
     malformed_shard(tmp_path / "in" / "web-00000.tar")
     init = micro_init(tmp_path / "init")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import sharpen, tiny_tokenizer
 from test_capfilt import micro, png
-from tiny_models import sharpen, tiny_tokenizer
 from typer.testing import CliRunner
 
 from blip.checkpoint import save_checkpoint

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from helpers import sharpen, tiny_tokenizer
 from PIL import Image
 from test_capfilt import micro, png
-from tiny_models import sharpen, tiny_tokenizer
 from typer.testing import CliRunner
 
 from blip.checkpoint import save_checkpoint
