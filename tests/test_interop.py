@@ -216,7 +216,7 @@ def test_hub_id_offline_fails_fast_with_advice(images):
         timeout=60,
     )
     assert r.returncode == 2
-    assert "pass DIR instead of the hub id" in r.stderr and "Traceback" not in r.stderr
+    assert "pass DIR instead of the hub id" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
 
 
 def test_missing_model_path_exit_2(images):
