@@ -412,8 +412,8 @@ def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
     if hf is None or len(hf) <= len(SPECIALS):
         raise InputError(
             f"tokenizer: {p} carries no vocabulary (no vocab.txt or tokenizer.json beside it) and bert-base-uncased "
-            f"is not available (no network and not in the Hugging Face cache). Pass the one the model was trained "
-            f"with as tokenizer (a directory with vocab.txt or tokenizer.json), or put vocab.txt beside the .pth",
+            f"is not available (no network and not in the Hugging Face cache). Pass tokenizer DIR (a directory with "
+            f"vocab.txt or tokenizer.json: the one the model was trained with), or put vocab.txt beside the .pth",
             param="tokenizer",
         )
     return Tokenizer(hf)
