@@ -134,7 +134,8 @@ class ShardStats:
     seconds: float = 0.0
     examples: list = field(default_factory=list)
     itm_hist: dict = field(default_factory=dict)
-    """Per source ('web', 'synthetic'): counts of ITM p(match) in HIST_BINS equal bins over [0, 1]."""
+    """Per source ('web', 'synthetic'): ITM p(match) counts in HIST_BINS equal bins over [0, 1], sparse:
+    {"<bin index>": count} for the non-empty bins."""
     dropped_by_keep_top: int = 0
     """Captions that passed the thresholds but not the keep_top cut (counted as dropped too)."""
     image_only: int = 0
@@ -421,7 +422,7 @@ def process_shard(
     bad = SampleStats()
     gen = torch.Generator(device=boot.device).manual_seed(shard_seed(cfg.seed, shard))
     out_samples = []
-    hist: dict[str, list[int]] = {}
+    hist: dict[str, Counter] = {}
     decided = []  # (sample json, its captions) of every web sample, for the ground-truth checks
     examples = []  # (sample, captions or None for human data, kept captions) of the first few samples
     samples = _unique_keys(iter_shard(shard, bad, strict=cfg.strict, need_caption=False), bad, cfg.strict)
@@ -433,7 +434,7 @@ def process_shard(
         for s, caps in zip(web, candidates(boot, web, gen), strict=True):
             st.dropped_by_keep_top += select(caps, cfg)
             for c in caps:
-                hist.setdefault(c["source"], [0] * HIST_BINS)[min(int(c["itm"] * HIST_BINS), HIST_BINS - 1)] += 1
+                hist.setdefault(c["source"], Counter())[str(min(int(c["itm"] * HIST_BINS), HIST_BINS - 1))] += 1
                 counts[c["source"]]["in"] += 1
                 counts[c["source"]]["kept" if c["kept"] else "dropped"] += 1
             decisions[s["index"]] = caps  # by position: a key may repeat in a corrupt shard
@@ -458,7 +459,7 @@ def process_shard(
     st.samples_out = len(out_samples)
     st.counts = {k: {"in": v["in"], "kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()}
     st.bad_samples = dict(bad.bad)
-    st.itm_hist = hist
+    st.itm_hist = {src: dict(sorted(h.items(), key=lambda kv: int(kv[0]))) for src, h in hist.items()}
     st.noise, st.scene = report.ground_truth_checks(decided)
     st.examples = [report.example(s, caps, kept, out_dir, STATS_DIR) for s, caps, kept in examples]
     st.seconds = time.perf_counter() - t0
@@ -538,13 +539,13 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict, made_with: dict 
     counts = {s: Counter() for s in ("web", "synthetic", "human")}
     bad, noise, scene = Counter(), Counter(), Counter()
     images_in = images_out = image_only = samples_out = top_cut = 0
-    hists: dict[str, list[int]] = {}
+    hists: dict[str, Counter] = {}
     seconds = 0.0
     for st in stats:
         image_only += st.get("image_only", 0)
         top_cut += st.get("dropped_by_keep_top", 0)
         for src, h in st.get("itm_hist", {}).items():
-            hists[src] = [a + b for a, b in zip(hists.get(src, [0] * len(h)), h, strict=True)]
+            hists.setdefault(src, Counter()).update(h)
         images_in += st["images_in"]
         images_out += st["images_out"]
         samples_out += st.get("samples_out", st["images_out"])
@@ -566,7 +567,11 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict, made_with: dict 
         "dropped_by_keep_top": top_cut,
         "counts": {k: {"in": v["in"], "kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()},
         "bad_samples": dict(bad),
-        "itm_histogram": {"bins": HIST_BINS, "range": [0.0, 1.0], **hists},
+        "itm_histogram": {
+            "bins": HIST_BINS,
+            "range": [0.0, 1.0],
+            **{src: dict(sorted(h.items(), key=lambda kv: int(kv[0]))) for src, h in hists.items()},
+        },
         "images_per_s": round(images_in / seconds, 3) if seconds else None,
         "settings": settings,
     }

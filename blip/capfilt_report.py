@@ -182,10 +182,17 @@ def render_report(summary: dict, examples: list[dict]) -> str:
         )
     settings = summary.get("settings", {})
     hist = summary.get("itm_histogram", {})
+
+    def dense(sparse: dict) -> list[int]:  # {"<bin>": count} -> a count per bin
+        counts = [0] * hist["bins"]
+        for i, c in sparse.items():
+            counts[int(i)] += c
+        return counts
+
     charts = "".join(
-        histogram_svg(hist[src], settings.get("threshold"), f"ITM p(match), {src} captions")
+        histogram_svg(dense(hist[src]), settings.get("threshold"), f"ITM p(match), {src} captions")
         for src in ("web", "synthetic")
-        if sum(hist.get(src, [])) > 0
+        if sum(hist.get(src, {}).values()) > 0
     )
     cal = settings.get("calibration")
     how = (

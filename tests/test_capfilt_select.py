@@ -235,7 +235,9 @@ def test_keep_fraction_calibrates_the_threshold(models, demo, tmp_path):
     total = s["counts"]["web"]["in"] + s["counts"]["synthetic"]["in"]
     assert total == 600 and abs(kept / total - 0.5) <= 0.1, kept / total
     # the histograms of the report: one per source, counting every caption, the threshold drawn on both
-    assert sum(s["itm_histogram"]["web"]) == 150 and sum(s["itm_histogram"]["synthetic"]) == 450
+    h = s["itm_histogram"]
+    assert sum(h["web"].values()) == 150 and sum(h["synthetic"].values()) == 450 and h["bins"] == 1000
+    assert min(map(int, h["web"])) / 1000 <= cal["threshold"] <= (max(map(int, h["web"])) + 1) / 1000
     page = (out / "report.html").read_text()
     assert page.count("<svg") == 2 and page.count('stroke="#d00"') == 2
     assert page.count(f">threshold {cal['threshold']:.3f}</text>") == 2
