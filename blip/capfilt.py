@@ -166,11 +166,15 @@ def check_out_apart(inputs: str | list[str], shards: list[str], out_dir: Path) -
     for s in shards:
         p = Path(s).resolve()
         if out == p or out in p.parents:
-            raise InputError(f"out: {out_dir} holds the input shard {s}; the outputs would overwrite the inputs")
+            raise InputError(
+                f"out: {out_dir} holds the input shard {s}; the outputs would overwrite the inputs", param="out"
+            )
     for spec in [inputs] if isinstance(inputs, str | os.PathLike) else inputs:
         d = Path(os.path.expanduser(os.fspath(spec)))
         if d.is_dir() and (out == d.resolve() or d.resolve() in out.parents):
-            raise InputError(f"out: {out_dir} is inside the input directory {spec}; choose an output elsewhere")
+            raise InputError(
+                f"out: {out_dir} is inside the input directory {spec}; choose an output elsewhere", param="out"
+            )
 
 
 def output_paths(out_dir: Path, shard: str) -> tuple[Path, Path]:
@@ -507,7 +511,10 @@ def calibrate(shards: list[str], boot: Bootstrapper) -> dict:
             if images >= cfg.calibration_images:
                 break
     if not scores:
-        raise InputError("keep_fraction: the calibration sample has no captions to score (no non-human images)")
+        raise InputError(
+            "keep_fraction: the calibration sample has no captions to score (no non-human images)",
+            param="keep_fraction",
+        )
     t = threshold_for_fraction(scores, cfg.keep_fraction)
     return {
         "keep_fraction": cfg.keep_fraction,
@@ -659,7 +666,8 @@ def run(
                 diffs = sorted({d for ds in stale.values() for d in ds})
                 raise InputError(
                     f"out: {len(stale)} finished shard(s) in {out_path} were made with other settings "
-                    f"({'; '.join(diffs)}); set overwrite to redo them with these settings, or choose another out"
+                    f"({'; '.join(diffs)}); set overwrite to redo them with these settings, or choose another out",
+                    param=("out", "overwrite"),
                 )
             return stale
 
