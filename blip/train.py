@@ -49,6 +49,7 @@ from blip.data.shards import SampleStats
 from blip.errors import InputError
 from blip.model.blip import BLIP
 from blip.model.momentum import Momentum
+from blip.precision import resolve as resolve_precision
 from blip.tasks import CaptionerTask, FilterTask, PretrainTask
 from blip.tokenizer import Tokenizer
 from blip.train_config import TrainConfig
@@ -457,10 +458,9 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kw)
 
     def build_precision(self) -> tuple[torch.dtype, torch.amp.GradScaler]:
-        p, dev = self.cfg.train.precision, self.info.device
-        if p == "auto":
-            p = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+        """Autocast dtype (blip.precision's rule; weights and optimizer state stay fp32) and the fp16 scaler."""
+        dev = self.info.device
+        dtype = resolve_precision(self.cfg.train.precision, dev, key="train.precision")
         return dtype, torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
 
     def compile(self) -> None:

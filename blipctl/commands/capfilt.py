@@ -32,6 +32,7 @@ def run_capfilt(
     strict: bool = False,
     device: str = "auto",
     show_progress: bool = True,
+    precision: str = "auto",
 ) -> dict:
     """Run CapFilt over this process's share of the input shards; returns the summary (capfilt.json)."""
     from blip.capfilt import Bootstrapper, CapfiltConfig, assign_shards, is_done, process_shard, summarize
@@ -61,6 +62,7 @@ def run_capfilt(
             min_length=min_length,
             prompt=prompt,
             strict=strict,
+            precision=precision,
         )
         cap_src, filt_src = captioner or DEFAULT_CAPTIONER, filter or DEFAULT_FILTER
         settings = {**cfg.__dict__, "captioner": cap_src, "filter": filt_src, "inputs": inputs}

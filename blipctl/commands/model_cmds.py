@@ -104,6 +104,7 @@ def caption_images(
     device: str = "auto",
     seed: int = 0,
     on_result=None,
+    precision: str = "auto",
 ):
     """Caption every input image; calls `on_result(name, caption)` per caption and returns the list of results."""
     import torch
@@ -111,6 +112,7 @@ def caption_images(
     from blip.data.transforms import eval_transform
     from blip.errors import InputError
     from blip.generation import GenerationConfig, generate
+    from blip.precision import autocast, resolve
 
     if num_captions < 1:
         raise InputError("--num-captions must be at least 1")
@@ -135,10 +137,11 @@ def caption_images(
         num_return_sequences=num_captions,
     )
     gen = torch.Generator(device=dev).manual_seed(seed)
+    dtype = resolve(precision, dev)
     results = []
     for batch in _batches(iter_inputs(inputs), batch_size):
         px = torch.stack([tf(im) for _, im in batch]).to(dev)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(dev, dtype):  # one context: weights cast to bf16 once per batch
             out = generate(m, m.encode_image(px), prompt_ids, gcfg, generator=gen)
         for (name, _), caps in zip(batch, out, strict=True):
             for ids in caps:
@@ -217,12 +220,14 @@ def score_texts(
     image_size: int | None = None,
     device: str = "auto",
     max_length: int = 35,
+    precision: str = "auto",
 ) -> list[dict]:
-    """ITM match probability and ITC cosine of one image against each text."""
+    """ITM match probability and ITC cosine of one image against each text (precision: auto, fp32 or bf16)."""
     import torch
 
     from blip.data.transforms import eval_transform
     from blip.errors import InputError
+    from blip.precision import autocast, resolve
 
     if not texts:
         raise InputError("give at least one --text")
@@ -235,11 +240,11 @@ def score_texts(
     px = eval_transform(m.config.vision.image_size)(im)[None].to(dev)
     ids, mask = tok(texts, max_length=max_length)
     ids, mask = ids.to(dev), mask.to(dev)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(dev, resolve(precision, dev)):
         emb = m.encode_image(px)  # (1, 1+N, D)
         kv = m.text_encoder.image_kv(emb)
-        itm = m.itm_logits(ids, mask, image_kv=kv, rows_per_kv=len(texts)).softmax(-1)[:, 1]
-        itc = (m.text_features(ids, mask) @ m.image_features(emb).T)[:, 0]
+        itm = m.itm_logits(ids, mask, image_kv=kv, rows_per_kv=len(texts)).float().softmax(-1)[:, 1]
+        itc = (m.text_features(ids, mask).float() @ m.image_features(emb).float().T)[:, 0]
     return [{"text": t, "itm": float(a), "itc": float(b)} for t, a, b in zip(texts, itm, itc, strict=True)]
 
 
