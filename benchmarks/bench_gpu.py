@@ -94,7 +94,7 @@ def report(what: str, n: int, unit: str, seconds: float, flops: int, peak: float
         "what": what,
         f"{unit}_per_s": round(n / seconds, 2),
         "s_per_call": round(seconds, 4),
-        "tflop_per_s": round(tflops, 3),
+        "tflop_per_s": round(tflops, 6),
         "mfu": round(tflops / peak, 4),
         "peak_mem_gib": round(peak_memory_gib(device), 2),
     }
