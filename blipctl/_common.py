@@ -9,7 +9,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +20,14 @@ from blip.errors import InputError
 # Human-facing output (tables, progress, warnings) goes to stderr so `--json` keeps stdout clean.
 err = Console(stderr=True)
 out = Console()
+
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (bf16 on GPUs with bf16 and on CPUs with AVX512-BF16/AMX, else fp32), fp32 or bf16 (autocast).",
+    ),
+]
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from blipctl._common import err, guarded, out, progress
+from blipctl._common import PrecisionOpt, err, guarded, out, progress
 from blipctl.commands.model_cmds import DeviceOpt, resolve_device
 
 
@@ -122,6 +122,7 @@ def capfilt(
     prompt: Annotated[str, typer.Option(help="Captioner prompt (removed from the caption).")] = "a picture of ",
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first bad input sample.")] = False,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Bootstrap a cleaner dataset: caption web images, filter web and synthetic captions with ITM.
 
@@ -158,6 +159,7 @@ def capfilt(
         prompt,
         strict,
         device,
+        precision=precision,
     )
     if not summary:
         return

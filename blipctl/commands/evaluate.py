@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from blipctl._common import err, guarded, print_json_line, write_json_atomic
+from blipctl._common import PrecisionOpt, err, guarded, print_json_line, write_json_atomic
 from blipctl._common import progress as progress_bar
 
 DatasetArg = Annotated[
@@ -78,6 +78,7 @@ def eval_retrieval(
     image_size: ImageSizeOpt = None,
     device: DeviceOpt = "auto",
     num_workers: WorkersOpt = None,
+    precision: PrecisionOpt = "auto",
 ) -> dict[str, Any]:
     """Image-text retrieval recall (R@1/5/10, percent) as in the paper: ITC top-k re-ranked by ITM + ITC.
 
@@ -104,6 +105,7 @@ def eval_retrieval(
                 text_batch_size=min(256, batch_size),
                 pairs_per_batch=batch_size,
                 num_workers=_workers(num_workers, info.device),
+                precision=precision,
                 progress=report,
             )
         result = {
@@ -117,6 +119,7 @@ def eval_retrieval(
                 "image_size": loaded.model.config.vision.image_size,
                 "world_size": info.world_size,
                 "device": str(info.device),
+                "precision": precision,
             },
             "stats": {
                 "num_images": len(eval_set.img2txt),
@@ -183,6 +186,7 @@ def eval_caption(
     image_size: ImageSizeOpt = None,
     device: DeviceOpt = "auto",
     num_workers: WorkersOpt = None,
+    precision: PrecisionOpt = "auto",
 ) -> dict[str, Any]:
     """Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE when it can run) as in the paper.
 
@@ -241,6 +245,7 @@ def eval_caption(
                 min_length=min_length,
                 batch_size=batch_size,
                 num_workers=_workers(num_workers, info.device),
+                precision=precision,
                 meteor=meteor,
                 spice=spice,
                 progress=report,
@@ -260,6 +265,7 @@ def eval_caption(
                 "image_size": loaded.model.config.vision.image_size,
                 "world_size": info.world_size,
                 "device": str(info.device),
+                "precision": precision,
             },
             "stats": {"num_images": len(captions), "seconds": round(time.perf_counter() - t0, 2)},
             "notes": notes,

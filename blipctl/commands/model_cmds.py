@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from blipctl._common import err, guarded, print_json_line
+from blipctl._common import PrecisionOpt, err, guarded, print_json_line
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -171,6 +171,7 @@ def caption(
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help='One {"image", "caption"} JSON object per line.')] = False,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Caption images with a BLIP captioner.
 
@@ -206,6 +207,7 @@ def caption(
         device=device,
         seed=seed,
         on_result=show,
+        precision=precision,
     )
     n = len({r["image"] for r in res})
     err.print(f"[dim]{n} images captioned in {time.perf_counter() - t0:.1f} s[/]")
@@ -256,6 +258,7 @@ def score(
     image_size: ImageSizeOpt = None,
     device: DeviceOpt = "auto",
     json_out: Annotated[bool, typer.Option("--json", help='One {"text", "itm", "itc"} JSON object per line.')] = False,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Score how well texts match an image: ITM match probability and ITC cosine similarity.
 
@@ -266,7 +269,7 @@ def score(
 
     from blip.checkpoint import DEFAULT_FILTER
 
-    rows = score_texts(image, text, model or DEFAULT_FILTER, tokenizer, image_size, device)
+    rows = score_texts(image, text, model or DEFAULT_FILTER, tokenizer, image_size, device, precision=precision)
     if json_out:
         for r in rows:
             print_json_line(r)
