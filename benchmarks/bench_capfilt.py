@@ -1,10 +1,12 @@
-"""CapFilt throughput (images/s): captioner (nucleus sampling, 1 caption) + filter (ITM on web + synthetic).
+"""CapFilt throughput (images/s), fp32 against bf16: captioner (nucleus sampling, 1 caption) + filter (ITM on
+web + synthetic).
 
 Random-weight models of the named size (captioner = decoder-only, filter = encoder-only, as fine-tuned ones),
 synthetic images written to one webdataset shard, then `blip.capfilt.process_shard` end to end (decode,
-generate, score, write). Sizes: tiny at 224 px, base at 384 px (the paper's fine-tuned models).
+generate, score, write) with CapfiltConfig.precision = fp32 and bf16, alternating. Sizes: tiny at 224 px, base
+at 384 px (the paper's fine-tuned models). FLOPs are counted on the first (untimed) fp32 pass.
 
-    .venv/bin/python benchmarks/bench_capfilt.py [--sizes tiny base] [--images 64 16] [--threads 2]
+    python benchmarks/bench_capfilt.py [--sizes tiny base] [--images 64 16] [--reps 2] [--threads 2]
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import count_flops, header, interleave, loadavg, median  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,8 +34,10 @@ def main() -> None:
     ap.add_argument("--images", nargs="+", type=int, default=[64, 16])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    roof = header()
 
     import dataclasses
 
@@ -60,13 +67,38 @@ def main() -> None:
             samples.append({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": "w1 w2 w3 w4 w5", "json": {}})
         shard = d / f"{size}-in" / "00000.tar"
         write_shard(shard, samples)
-        boot = Bootstrapper(cap, tok, filt, tok, CapfiltConfig(batch_size=args.batch_size, max_length=30))
-        t0 = time.perf_counter()
-        st = process_shard(str(shard), d / f"{size}-out", boot)
-        dt = time.perf_counter() - t0
+        cfgs = {p: CapfiltConfig(batch_size=args.batch_size, max_length=30, precision=p) for p in ("fp32", "bf16")}
+        boots = {p: Bootstrapper(cap, tok, filt, tok, c) for p, c in cfgs.items()}
+        seen = {}
+
+        def run(p: str, shard=shard, size=size, boots=boots, seen=seen):
+            def f():
+                seen[p] = process_shard(str(shard), d / f"{size}-out-{p}", boots[p])
+
+            return f
+
+        variants = {f"{size} {p}": run(p) for p in ("fp32", "bf16")}
+        flops = count_flops(variants[f"{size} fp32"])  # doubles as fp32's warm-up
+        variants[f"{size} bf16"]()  # bf16's warm-up
+        times = interleave(variants, args.reps, warmup=0)
         print(
-            f"{size}: {image_size} px, {n} images, batch {args.batch_size}, 1 synthetic caption (max 30 tokens), "
-            f"{torch.get_num_threads()} threads: {dt:.1f} s, {st.images_in / dt:.2f} images/s"
+            f"\n{size}: {image_size} px, {n} images, batch {args.batch_size}, 1 synthetic caption (max 30 tokens), "
+            f"{torch.get_num_threads()} threads, median of {args.reps} alternating reps (load now {loadavg()}):"
+        )
+        med = {}
+        for k, ts in times.items():
+            p = k.split()[-1]
+            med[p] = t = median(ts)
+            gf = flops / t / 1e9
+            print(
+                f"  {p}: {t:.1f} s, {n / t:.2f} images/s, {gf:.0f} GFLOP/s = {gf / roof.gflops[p]:.0%} of the {p} "
+                f"roofline ({flops / n / 1e9:.0f} GFLOP/image)"
+            )
+        print(f"  bf16 vs fp32: {med['fp32'] / med['bf16']:.2f}x images/s")
+        kept = {p: seen[p].counts for p in seen}
+        print(
+            f"  kept (web / synthetic): fp32 {kept['fp32']['web']['kept']}/{kept['fp32']['synthetic']['kept']}, "
+            f"bf16 {kept['bf16']['web']['kept']}/{kept['bf16']['synthetic']['kept']}"
         )
 
 

@@ -9,20 +9,28 @@ same 8 images x 16 candidate texts (128 pairs, as retrieval re-ranking scores th
   (c) blipctl: image encoded once, cross-attention K/V once per image, its 16 texts folded into the query
       length (`itm_logits(..., image_kv=..., rows_per_kv=16)`).
 
-Scores must agree within 1e-4. Prints pairs/s and the speed-ups of (c) over (a) and (b).
+Scores must agree within 1e-4. Prints pairs/s and the speed-ups of (c) over (a) and (b). Then (c) in fp32 and
+in bf16 (autocast, blip.precision), alternating `--reps` times: their times, GFLOP/s against the roofline, and
+how far bf16's ITM p(match) is from fp32's (max and mean absolute difference).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_itm.py            # ~6 min on 2 CPU cores, (a) dominates
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_itm.py --skip-a   # (b) and (c) only
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_itm.py --only-precision   # (c) fp32 against (c) bf16 only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import count_flops, header, interleave, median  # noqa: E402
 
 CAPTIONS = [
     "a man riding a wave on top of a surfboard",
@@ -123,6 +131,42 @@ def blipctl_folded(model, px, ids, mask, R):
     return model.itm_logits(ids, mask, image_kv=kv, rows_per_kv=R)[:, 1]  # rows image-major: (B*R,)
 
 
+@torch.inference_mode()
+def blipctl_probs(model, px, ids, mask, R, dtype):
+    """(c) under autocast to `dtype`: ITM p(match) of every pair, (B*R,)."""
+    from blip.precision import autocast
+
+    with autocast("cpu", dtype):
+        emb = model.encode_image(px)
+        kv = model.text_encoder.image_kv(emb)
+        logits = model.itm_logits(ids, mask, image_kv=kv, rows_per_kv=R)
+    return logits.float().softmax(-1)[:, 1]
+
+
+def precision_side_by_side(model, px, ids, mask, R, reps: int, roof, results: dict) -> None:
+    pairs = ids.shape[0]
+    out = {}
+    fns = {
+        p: (lambda p=p, dt=dt: out.__setitem__(p, blipctl_probs(model, px, ids, mask, R, dt)))
+        for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
+    flops = count_flops(fns["fp32"])
+    times = interleave(fns, reps, warmup=1)
+    d = (out["fp32"] - out["bf16"]).abs()
+    print(f"\n(c) fp32 vs bf16, median of {reps} alternating reps, {flops / 1e9:.0f} GFLOP/call:")
+    for p, ts in times.items():
+        t = median(ts)
+        g = flops / t / 1e9
+        frac = g / roof.gflops[p]
+        print(f"  {p}: {t:.2f} s, {pairs / t:.2f} pairs/s, {g:.0f} GFLOP/s = {frac:.0%} of the {p} roofline")
+        results[f"c_{p}"] = {"seconds": round(t, 2), "pairs_per_s": round(pairs / t, 3)}
+    sp = median(times["fp32"]) / median(times["bf16"])
+    print(f"  bf16 vs fp32: {sp:.2f}x; ITM p(match) |bf16 - fp32|: max {d.max():.4f}, mean {d.mean():.4f}")
+    print(f"  (fp32 p(match) range {float(out['fp32'].min()):.3f}-{float(out['fp32'].max()):.3f})")
+    results["bf16_speedup"] = round(sp, 2)
+    results["bf16_max_abs_dp"] = round(float(d.max()), 5)
+
+
 def timed(fn, *args):
     t0 = time.perf_counter()
     out = fn(*args)
@@ -137,8 +181,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-a", action="store_true", help="skip (a), the slow one (~6 min at the defaults)")
     ap.add_argument("--out", help="also write the numbers to this JSON file")
+    ap.add_argument("--reps", type=int, default=2, help="alternating reps of (c) fp32 / bf16")
+    ap.add_argument("--only-precision", action="store_true", help="only (c) fp32 against (c) bf16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    roof = header()
 
     B, R = args.images, args.texts
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,6 +204,12 @@ def main() -> None:
     hf_usual(hf, px[:1], ids[:2], mask[:2], 2)
 
     results: dict[str, dict[str, float]] = {}
+    precision_side_by_side(model, px, ids, mask, R, args.reps, roof, results)
+    if args.only_precision:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+        return
 
     def report(name: str, scores: torch.Tensor, seconds: float) -> None:
         results[name] = {"seconds": round(seconds, 2), "pairs_per_s": round(pairs / seconds, 3)}

@@ -19,7 +19,8 @@ import torch
 from blip.errors import InputError
 from blip.inputs import batches, iter_inputs
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
+"""Long names `load(dtype=...)` also takes; the short ones are blip.precision's (fp32, bf16, auto)."""
 
 
 class Model:
@@ -207,18 +208,19 @@ def load(
 ) -> Model:
     """Load any model source: a blipctl checkpoint dir, a Hugging Face BLIP dir or hub id, an original .pth.
 
-    device: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:N". dtype: None/"fp32", or "bf16" to run
-    the forward passes under bfloat16 autocast (weights stay fp32). `image_size` interpolates the position
+    device: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:N". dtype: None/"fp32", "bf16" to run
+    the forward passes under bfloat16 autocast (weights stay fp32), or "auto" (bf16 where the hardware computes it
+    natively: bf16 GPUs, CPUs with AVX512-BF16/AMX; see blip.precision). `image_size` interpolates the position
     embeddings; `tokenizer` is for .pth files without one beside them.
     """
     from blip.checkpoint import load_model
     from blip.distributed import resolve_device
+    from blip.precision import resolve
 
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}", param="dtype")
-        dtype = DTYPES[dtype]
-    loaded = load_model(source, tokenizer=tokenizer, image_size=image_size, device=resolve_device(device))
+    dev = resolve_device(device)
+    if dtype is None or isinstance(dtype, str):
+        dtype = resolve(DTYPE_NAMES.get(dtype or "fp32", dtype), dev, key="dtype")
+    loaded = load_model(source, tokenizer=tokenizer, image_size=image_size, device=dev)
     return Model(loaded.model, loaded.tokenizer, loaded.source, loaded.kind, dtype=dtype)
 
 
@@ -239,6 +241,7 @@ def caption_images(
     tokenizer: str | None = None,
     image_size: int | None = None,
     device: str = "auto",
+    precision: str = "fp32",
     seed: int = 0,
     on_result: Callable[[str, str], None] | None = None,
 ) -> list[dict]:
@@ -251,7 +254,7 @@ def caption_images(
             f"num_captions {num_captions} needs num_beams >= {num_captions} (or set sample)",
             param=("num_captions", "num_beams", "sample"),
         )
-    m = model if isinstance(model, Model) else load(model, device=device, tokenizer=tokenizer, image_size=image_size)
+    m = model if isinstance(model, Model) else load(model, device, precision, tokenizer, image_size)
     results = []
     for name, caps in m.caption_named(
         iter_inputs(inputs),
@@ -281,6 +284,7 @@ def score_texts(
     image_size: int | None = None,
     device: str = "auto",
     max_length: int = 35,
+    precision: str = "fp32",
 ) -> list[dict]:
     """ITM match probability and ITC cosine of one image against each text."""
     if not texts:
@@ -288,5 +292,5 @@ def score_texts(
     from blip.data.images import load_image_file
 
     im = load_image_file(image)  # one image file: a directory, a shard or a non-image is an InputError naming it
-    m = model if isinstance(model, Model) else load(model, device=device, tokenizer=tokenizer, image_size=image_size)
+    m = model if isinstance(model, Model) else load(model, device, precision, tokenizer, image_size)
     return m.score(im, texts, max_length=max_length)

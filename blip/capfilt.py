@@ -35,6 +35,7 @@ from blip.errors import InputError
 from blip.generation import GenerationConfig, check_range, generate
 from blip.inputs import batches
 from blip.model.blip import BLIP
+from blip.precision import autocast, resolve
 from blip.tokenizer import Tokenizer
 
 STATS_DIR = "_capfilt"
@@ -77,6 +78,8 @@ class CapfiltConfig:
     batch_size: int = 32
     seed: int = 0
     strict: bool = False
+    precision: str = "fp32"
+    """fp32, bf16 or auto for captioner and filter (blip.precision: auto = bf16 where the hardware has it)."""
 
     def __post_init__(self) -> None:
         if self.num_captions < 0:
@@ -282,6 +285,7 @@ class Bootstrapper:
                 f"num_captions {cfg.num_captions} needs num_beams >= {cfg.num_captions}",
                 param=("num_captions", "num_beams"),
             )
+        self.dtype = resolve(cfg.precision, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -292,7 +296,8 @@ class Bootstrapper:
         if not self.cfg.num_captions:
             return [[] for _ in images]
         px = torch.stack([self.cap_tf(im) for im in images]).to(self.device)
-        out = generate(self.cap, self.cap.encode_image(px), self.prompt_ids, self.gcfg, generator=generator)
+        with autocast(self.device, self.dtype):
+            out = generate(self.cap, self.cap.encode_image(px), self.prompt_ids, self.gcfg, generator=generator)
         return [[self.cap_tok.decode(ids) for ids in caps] for caps in out]
 
     @torch.inference_mode()
@@ -301,14 +306,17 @@ class Bootstrapper:
         dev = next(self.filt.parameters()).device
         R = len(texts[0])
         px = torch.stack([self.filt_tf(im) for im in images]).to(dev)
-        emb = self.filt.encode_image(px)  # (B, 1+N, D)
         flat = [t for ts in texts for t in ts]  # image-major: rows [b*R:(b+1)*R] belong to image b
         ids, mask = self.filt_tok(flat, max_length=35)
         ids, mask = ids.to(dev), mask.to(dev)
-        kv = self.filt.text_encoder.image_kv(emb)  # cross-attention K/V once per image, shared by its R texts
-        itm = self.filt.itm_logits(ids, mask, image_kv=kv, rows_per_kv=R).softmax(-1)[:, 1].view(-1, R)
-        tf = self.filt.text_features(ids, mask).view(len(images), R, -1)  # (B, R, E)
-        itc = (tf @ self.filt.image_features(emb)[:, :, None]).squeeze(-1)  # (B, R)
+        with autocast(dev, self.dtype):
+            emb = self.filt.encode_image(px)  # (B, 1+N, D)
+            kv = self.filt.text_encoder.image_kv(emb)  # cross-attention K/V once per image, shared by its R texts
+            logits = self.filt.itm_logits(ids, mask, image_kv=kv, rows_per_kv=R)  # (B*R, 2)
+            tf = self.filt.text_features(ids, mask)  # (B*R, E)
+            img_f = self.filt.image_features(emb)  # (B, E)
+        itm = logits.float().softmax(-1)[:, 1].view(-1, R)  # probabilities in fp32 (the threshold is compared)
+        itc = (tf.float().view(len(images), R, -1) @ img_f.float()[:, :, None]).squeeze(-1)  # (B, R)
         return itm.tolist(), itc.tolist()
 
 

@@ -140,7 +140,8 @@ class RunArgs:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda (the local rank's GPU) when available, else cpu."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto = bf16 autocast on GPUs that support it, fp32 on CPU. fp16 uses a GradScaler."""
+    """Autocast dtype; weights and optimizer state stay fp32. auto = bf16 on GPUs that support it and on CPUs with
+    native bf16 (AVX512-BF16/AMX), else fp32 (blip.precision). fp16 uses a GradScaler."""
     save_every: int = 1000
     """Checkpoint every N optimizer steps (0: only at epoch ends and at the end)."""
     keep_checkpoints: int = 2

@@ -135,10 +135,15 @@ class TrainSetup:
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kw)
 
     def build_precision(self) -> tuple[torch.dtype, torch.amp.GradScaler]:
+        """Autocast dtype (blip.precision; weights and optimizer state stay fp32) and the fp16 scaler. Training's
+        `auto` is bf16 on bf16 GPUs only: on CPU a bf16 training step was not measured faster (tiny model, loaded
+        machine: 18.5 against 15.7 s/step), so CPU training stays fp32 unless train.precision=bf16 is asked for."""
+        from blip.precision import resolve
+
         p, dev = self.cfg.train.precision, self.info.device
-        if p == "auto":
-            p = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+        if p == "auto" and dev.type != "cuda":
+            p = "fp32"
+        dtype = resolve(p, dev, key="train.precision")
         return dtype, torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
 
     def compile(self) -> None:

@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +19,15 @@ from blip.errors import InputError
 # Human-facing output (tables, progress, warnings) goes to stderr so `--json` keeps stdout clean.
 err = Console(stderr=True)
 out = Console()
+
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="fp32, bf16 (autocast; weights stay fp32) or auto: bf16 where the hardware computes it natively "
+        "(GPUs with bf16, CPUs with AVX512-BF16 or AMX), else fp32.",
+    ),
+]
 
 
 def flag_names(fn: Callable[..., Any]) -> dict[str, str]:

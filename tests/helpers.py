@@ -210,7 +210,8 @@ def config_dict(task: str, init: Path, out: Path, **sections) -> dict:
         "data": {"batch_size": 8, "num_samples": 64},
         "optim": {"lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 2},
         "loss": {"queue_size": 32},
-        "train": {"out": str(out), "epochs": 3, "log_every": 1, "save_every": 0, "device": "cpu"},
+        # fp32: `auto` would be bf16 on CPUs with AVX512-BF16 and fp32 elsewhere; the tests must not depend on it
+        "train": {"out": str(out), "epochs": 3, "log_every": 1, "save_every": 0, "device": "cpu", "precision": "fp32"},
     }
     for k, v in sections.items():
         d[k] = {**d.get(k, {}), **v}

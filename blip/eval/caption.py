@@ -23,12 +23,11 @@ from blip.eval.common import (
     ImagesLike,
     PixelDataset,
     ProgressFn,
-    amp_context,
     image_batches,
     model_device,
-    use_autocast,
 )
 from blip.model.blip import BLIP
+from blip.precision import autocast, resolve
 from blip.tokenizer import Tokenizer
 
 WarnFn = Callable[[str], None]
@@ -47,13 +46,14 @@ def generate_captions(
     max_length: int = 20,
     min_length: int = 5,
     batch_size: int = 16,
-    autocast: bool | None = None,
+    precision: str = "fp32",
     num_workers: int = 0,
     progress: ProgressFn | None = None,
 ) -> list[dict[str, Any]]:
     """One caption per image: `[{"image_id", "caption"}]` in dataset order, de-duplicated by image id.
 
-    Under torch.distributed each rank captions a share of the images and every rank returns all results.
+    precision: auto, fp32 or bf16 (blip.precision). Under torch.distributed each rank captions a share of the
+    images and every rank returns all results.
     """
     from blip.generation import GenerationConfig, generate
 
@@ -68,14 +68,14 @@ def generate_captions(
         )
     cfg = GenerationConfig(num_beams=num_beams, max_length=max_length, min_length=min_length)
     dev = model_device(model)
-    on = use_autocast(dev, autocast)
+    dtype = resolve(precision, dev)
     rank, world = rank_and_world()
     report = progress or (lambda stage, n, total: None)
     mine: list[tuple[int, str]] = []
     total = sum(len(r) for r in my_batches(len(images), batch_size, rank, world))
     report("captions", 0, total)
     for r, px in image_batches(images, batch_size, rank, world, num_workers):
-        with amp_context(dev, on):
+        with autocast(dev, dtype):
             out = generate(model, model.encode_image(px.to(dev)), prompt_ids, cfg)
         mine += [(i, tokenizer.decode(caps[0])) for i, caps in zip(r, out, strict=True)]
         report("captions", len(r), total)
@@ -238,7 +238,7 @@ def evaluate_caption(
     max_length: int = 20,
     min_length: int = 5,
     batch_size: int = 16,
-    autocast: bool | None = None,
+    precision: str = "fp32",
     num_workers: int = 0,
     meteor: bool = True,
     spice: bool | None = None,
@@ -262,7 +262,7 @@ def evaluate_caption(
         max_length=max_length,
         min_length=min_length,
         batch_size=batch_size,
-        autocast=autocast,
+        precision=precision,
         num_workers=num_workers,
         progress=progress,
     )
@@ -292,6 +292,7 @@ def run(
     image_size: int | None = None,
     device: str = "auto",
     num_workers: int | None = None,
+    precision: str = "fp32",
     progress: ProgressFn | None = None,
     warn: WarnFn | None = None,
     on_stage: Callable[[str], None] | None = None,
@@ -369,6 +370,7 @@ def run(
             min_length=min_length,
             batch_size=batch_size,
             num_workers=default_workers(num_workers, info.device),
+            precision=precision,
             meteor=meteor,
             spice=spice,
             progress=progress,
@@ -390,6 +392,7 @@ def run(
                 "image_size": loaded.model.config.vision.image_size,
                 "world_size": info.world_size,
                 "device": str(info.device),
+                "precision": precision,
             },
             "stats": {"num_images": len(captions), "seconds": round(time.perf_counter() - t0, 2)},
             "notes": notes,

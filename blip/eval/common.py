@@ -1,8 +1,10 @@
-"""Plumbing shared by the retrieval and caption evaluations: image inputs, progress reporting, autocast."""
+"""Plumbing shared by the retrieval and caption evaluations: image inputs, progress reporting.
+
+Precision (bf16 autocast) comes from blip.precision, as for every other entry point.
+"""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -66,15 +68,6 @@ def image_batches(
         if "Traceback" in msg:
             msg = msg.strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
         raise InputError(msg) from None
-
-
-def use_autocast(device: torch.device, requested: bool | None = None) -> bool:
-    """bf16 autocast: on by default on GPU, off on CPU (where bf16 matmuls are slow on most machines)."""
-    return device.type == "cuda" if requested is None else requested
-
-
-def amp_context(device: torch.device, on: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -28,12 +28,11 @@ from blip.eval.common import (
     ImagesLike,
     PixelDataset,
     ProgressFn,
-    amp_context,
     image_batches,
     model_device,
-    use_autocast,
 )
 from blip.model.blip import BLIP
+from blip.precision import autocast, resolve
 from blip.tokenizer import Tokenizer
 
 METRIC_KEYS = (
@@ -108,14 +107,14 @@ def retrieval_scores(
     text_batch_size: int = 256,
     pairs_per_batch: int = 512,
     max_length: int = 35,
-    autocast: bool | None = None,
+    precision: str = "fp32",
     num_workers: int = 0,
     progress: ProgressFn | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(score_i2t (N_img, N_txt), score_t2i (N_txt, N_img)) float32, as the original's score matrices.
 
     images: a (N, 3, H, W) tensor or a dataset of (3, H, W) tensors (already transformed).
-    pairs_per_batch: (image, text) pairs per ITM forward. autocast: bf16, default on GPU only.
+    pairs_per_batch: (image, text) pairs per ITM forward. precision: auto, fp32 or bf16 (blip.precision).
     progress: called with stages "images", "texts", "pairs" and this rank's totals.
     Under torch.distributed every rank returns the full matrices; each rank scored a share of the images.
     """
@@ -127,14 +126,14 @@ def retrieval_scores(
     rank, world = rank_and_world()
     report = progress or (lambda stage, n, total: None)
 
-    on = use_autocast(dev, autocast)
+    dtype = resolve(precision, dev)
 
     def amp():
-        return amp_context(dev, on)
+        return autocast(dev, dtype)
 
     ids, mask = tokenizer(list(texts), max_length=max_length)  # (T, L), padded to the longest text
     ids, mask = ids.to(dev), mask.to(dev)
-    store = torch.bfloat16 if on else torch.float32  # under autocast the K/V are computed in bf16 anyway
+    store = dtype  # under autocast the image tokens come out of the ViT in bf16 anyway
     img_tokens, img_feat = _encode_images(model, images, image_batch_size, num_workers, amp, store, report)
     txt_feat = _encode_texts(model, ids, mask, text_batch_size, amp, report)
     sims = img_feat @ txt_feat.t()  # (N, T) ITC cosine
@@ -157,7 +156,8 @@ def retrieval_scores(
     report("pairs", 0, total)
     for c in chunks:
         for group, R in _groups(c, per_image, pairs_per_batch):
-            kv = model.text_encoder.image_kv(img_tokens[group])  # per layer (n, H, N_tok, d), once per image
+            with amp():  # the stored tokens are bf16 under bf16: project them under autocast too
+                kv = model.text_encoder.image_kv(img_tokens[group])  # per layer (n, H, N_tok, d), once per image
             t_idx, valid = _rows(pairs, group, R)  # (n, R) text indices, image-major
             logits = torch.empty(t_idx.shape, device=dev)
             step = max(1, pairs_per_batch // len(group))  # < R only for a lone image with very many candidates
@@ -267,7 +267,7 @@ def evaluate_retrieval(
     image_batch_size: int = 32,
     text_batch_size: int = 256,
     pairs_per_batch: int = 512,
-    autocast: bool | None = None,
+    precision: str = "fp32",
     num_workers: int = 0,
     progress: ProgressFn | None = None,
 ) -> dict[str, float]:
@@ -284,7 +284,7 @@ def evaluate_retrieval(
         image_batch_size=image_batch_size,
         text_batch_size=text_batch_size,
         pairs_per_batch=pairs_per_batch,
-        autocast=autocast,
+        precision=precision,
         num_workers=num_workers,
         progress=progress,
     )
@@ -306,6 +306,7 @@ def run(
     image_size: int | None = None,
     device: str = "auto",
     num_workers: int | None = None,
+    precision: str = "fp32",
     progress: ProgressFn | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -333,6 +334,7 @@ def run(
             text_batch_size=min(256, batch_size),
             pairs_per_batch=batch_size,
             num_workers=default_workers(num_workers, info.device),
+            precision=precision,
             progress=progress,
         )
         return {
@@ -346,6 +348,7 @@ def run(
                 "image_size": loaded.model.config.vision.image_size,
                 "world_size": info.world_size,
                 "device": str(info.device),
+                "precision": precision,
             },
             "stats": {
                 "num_images": len(eval_set.img2txt),

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from blipctl._common import err, guarded, out, progress
+from blipctl._common import PrecisionOpt, err, guarded, out, progress
 from blipctl.commands.model_cmds import DeviceOpt
 
 
@@ -37,6 +37,7 @@ def run_capfilt(
     keep_fraction: float | None = None,
     calibration_images: int = 512,
     calibration_shards: int = 4,
+    precision: str = "fp32",
 ) -> dict:
     """The flags as one `blip.capfilt.run` call, drawing progress; returns the summary (capfilt.json)."""
     from blip.capfilt import CapfiltConfig, CapfiltProgress, run
@@ -58,6 +59,7 @@ def run_capfilt(
         keep_fraction=keep_fraction,
         calibration_images=calibration_images,
         calibration_shards=calibration_shards,
+        precision=precision,
     )
     with progress() as bar:
         task = None
@@ -155,6 +157,7 @@ def capfilt(
             help="Redo finished output shards made with other settings (without it such a rerun is refused).",
         ),
     ] = False,
+    precision: PrecisionOpt = "fp32",
 ) -> None:
     """Bootstrap a cleaner dataset: caption web images, filter web and synthetic captions with ITM.
 
@@ -202,6 +205,7 @@ def capfilt(
         keep_fraction=keep_fraction,
         calibration_images=calibration_images,
         calibration_shards=calibration_shards,
+        precision=precision,
     )
     if not summary:
         return

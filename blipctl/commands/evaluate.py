@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from blip.atomic import write_json
-from blipctl._common import err, guarded, is_rank0, print_json_line
+from blipctl._common import PrecisionOpt, err, guarded, is_rank0, print_json_line
 from blipctl._common import progress as progress_bar
 
 DatasetArg = Annotated[
@@ -75,6 +75,7 @@ def eval_retrieval(
     image_size: ImageSizeOpt = None,
     device: DeviceOpt = "auto",
     num_workers: WorkersOpt = None,
+    precision: PrecisionOpt = "fp32",
 ) -> dict[str, Any]:
     """Image-text retrieval recall (R@1/5/10, percent) as in the paper: ITC top-k re-ranked by ITM + ITC.
 
@@ -96,6 +97,7 @@ def eval_retrieval(
             image_size=image_size,
             device=device,
             num_workers=num_workers,
+            precision=precision,
             progress=show.report,
             on_stage=show.stage,
         )
@@ -158,6 +160,7 @@ def eval_caption(
     image_size: ImageSizeOpt = None,
     device: DeviceOpt = "auto",
     num_workers: WorkersOpt = None,
+    precision: PrecisionOpt = "fp32",
 ) -> dict[str, Any]:
     """Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE when it can run) as in the paper.
 
@@ -190,6 +193,7 @@ def eval_caption(
             image_size=image_size,
             device=device,
             num_workers=num_workers,
+            precision=precision,
             progress=show.report,
             warn=warn,
             on_stage=show.stage,

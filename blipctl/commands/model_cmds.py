@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from blipctl._common import err, guarded, print_json_line
+from blipctl._common import PrecisionOpt, err, guarded, print_json_line
 
 ModelOpt = Annotated[
     str | None,
@@ -53,6 +53,7 @@ def caption(
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help='One {"image", "caption"} JSON object per line.')] = False,
+    precision: PrecisionOpt = "fp32",
 ) -> None:
     """Caption images with a BLIP captioner.
 
@@ -89,6 +90,7 @@ def caption(
         device=device,
         seed=seed,
         on_result=show,
+        precision=precision,
     )
     n = len({r["image"] for r in res})
     err.print(f"[dim]{n} images captioned in {time.perf_counter() - t0:.1f} s[/]")
@@ -103,6 +105,7 @@ def score(
     image_size: ImageSizeOpt = None,
     device: DeviceOpt = "auto",
     json_out: Annotated[bool, typer.Option("--json", help='One {"text", "itm", "itc"} JSON object per line.')] = False,
+    precision: PrecisionOpt = "fp32",
 ) -> None:
     """Score how well texts match an image: ITM match probability and ITC cosine similarity.
 
@@ -117,7 +120,7 @@ def score(
 
     if not text:
         raise InputError("give at least one --text")
-    rows = score_texts(image, text, model or DEFAULT_FILTER, tokenizer, image_size, device)
+    rows = score_texts(image, text, model or DEFAULT_FILTER, tokenizer, image_size, device, precision=precision)
     if json_out:
         for r in rows:
             print_json_line(r)
