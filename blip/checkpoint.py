@@ -344,8 +344,19 @@ def _tokenizer_for_pth(p: Path, tokenizer: str | None) -> Tokenizer:
 
 def save_pth(model: BLIP, path: str | os.PathLike) -> None:
     """Export in the original format: `{"model": state_dict}` with the original key names."""
+    check_blip_shaped(model, "the original .pth format")
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_torch_save({"model": sd, "blipctl_config": model.config.to_dict()}, Path(path))
+
+
+def check_blip_shaped(model: BLIP, target: str) -> None:
+    """Refuse a model whose shape `target` cannot express, rather than write weights it would load wrongly."""
+    if model.config.vision.stem != "none":
+        raise InputError(
+            f"this model's vision tower has a {model.config.vision.stem!r} stem (vision.stem in its config.json), and "
+            f"{target} has no place for one: its image embedding is a single patch convolution, so the stem's weights "
+            "would be dropped or misread. Keep it in blipctl format (--format blipctl)"
+        )
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -486,6 +497,7 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
     from transformers import BlipConfig as HFBlipConfig
 
     c = model.config
+    check_blip_shaped(model, "Hugging Face BLIP")
     if task == "auto":
         task = "caption" if c.text_decoder else "retrieval"
     if task == "caption" and not c.text_decoder:

@@ -361,6 +361,11 @@ class Trainer:
                     f"model.patch_size: {cfg.model.patch_size}, but --init {cfg.model.init} has patches of "
                     f"{src.vision.patch_size} (only fresh models choose it)"
                 )
+            if cfg.model.stem not in (None, src.vision.stem):
+                raise InputError(
+                    f"model.stem: {cfg.model.stem!r}, but --init {cfg.model.init} has stem {src.vision.stem!r} "
+                    "(only fresh models choose it)"
+                )
             model = _derive(loaded.model, cfg, cfg.model.init)
             return model, loaded.tokenizer
         return self.fresh_model()
@@ -374,6 +379,8 @@ class Trainer:
         mc = model_config(cfg.model.size, vocab_size=len(tok), image_size=cfg.model.image_size)
         if cfg.model.patch_size is not None:
             mc = dataclasses.replace(mc, vision=dataclasses.replace(mc.vision, patch_size=cfg.model.patch_size))
+        if cfg.model.stem is not None:
+            mc = dataclasses.replace(mc, vision=dataclasses.replace(mc.vision, stem=cfg.model.stem))
         mc = dataclasses.replace(
             mc,
             text_encoder=enc,
