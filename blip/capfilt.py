@@ -195,7 +195,7 @@ def process_shard(
     shard: str, out_dir: Path, boot: Bootstrapper, on_images: Callable[[int], None] | None = None
 ) -> ShardStats:
     """Bootstrap one input shard into `out_dir/<name>` (atomic) plus its stats file; returns the stats."""
-    from blip.data.demo import caption_matches_scene
+    from blip.data.demo import phrases_vs_scene
     from blip.data.shards import SampleStats, iter_shard, write_shard
 
     cfg = boot.cfg
@@ -223,11 +223,13 @@ def process_shard(
                     counts[source]["in"] += 1
                     counts[source]["kept" if keep else "dropped"] += 1
                     caps.append({"text": t, "source": source, "itm": round(p, 6), "itc": round(c, 6), "kept": keep})
-                    right = caption_matches_scene(t, s["json"]["scene"]) if "scene" in s["json"] else None
-                    if right is not None:
+                    phrases = phrases_vs_scene(t, s["json"]["scene"]) if "scene" in s["json"] else []
+                    if phrases:
                         for group in ("all", "kept") if keep else ("all",):
                             scene[f"{source}/{group}/checked"] += 1
-                            scene[f"{source}/{group}/right"] += right
+                            scene[f"{source}/{group}/right"] += all(phrases)
+                            scene[f"{source}/{group}/phrases"] += len(phrases)
+                            scene[f"{source}/{group}/phrases_right"] += sum(phrases)
                 if "noise" in s["json"]:
                     noisy, dropped = bool(s["json"]["noise"]), not caps[0]["kept"]
                     noise[
@@ -352,6 +354,10 @@ def summarize(out_dir: Path, inputs: list[str], settings: dict) -> dict:
                     "checked": n,
                     "right": scene[f"{source}/{group}/right"],
                     "share": round(scene[f"{source}/{group}/right"] / n, 4),
+                    "phrases": scene[f"{source}/{group}/phrases"],
+                    "phrases_right_share": round(
+                        scene[f"{source}/{group}/phrases_right"] / scene[f"{source}/{group}/phrases"], 4
+                    ),
                 }
                 for group in ("all", "kept")
                 if (n := scene[f"{source}/{group}/checked"])

@@ -383,7 +383,10 @@ def test_compare_tabulates_models_the_filter_and_the_synthetic_captions(tmp_path
         "noisy_removed": 0.8,
         "clean_kept": 0.9,
     }
-    synthetic = {"all": {"checked": 40, "right": 8, "share": 0.2}, "kept": {"checked": 10, "right": 1, "share": 0.1}}
+    synthetic = {
+        "all": {"checked": 40, "right": 8, "share": 0.2},
+        "kept": {"checked": 10, "right": 1, "share": 0.1, "phrases": 16, "phrases_right_share": 0.5625},
+    }
     capfilt = put("capfilt.json", {"filter_vs_noise_labels": noise, "captions_vs_scene": {"synthetic": synthetic}})
     res = run_compare(str(tmp_path / "compare.json"), ret, cap, capfilt)
     assert res["metrics"]["TR@1"] == {"A": 10.0, "B": 12.5} and res["metrics"]["IR@1"]["B"] == 6.25
@@ -391,7 +394,8 @@ def test_compare_tabulates_models_the_filter_and_the_synthetic_captions(tmp_path
     assert res["filter"] == noise and res["synthetic_vs_scene"] == synthetic
     assert json.loads((tmp_path / "compare.json").read_text()) == res
     printed = " ".join(capsys.readouterr().out.split())
-    assert "noisy web captions removed 80.0%" in printed and "20.0% of all, 10.0% of the 10 kept" in printed
+    assert "noisy web captions removed 80.0%" in printed
+    assert "20.0% of all, 10.0% of the 10 kept (56.2% of their 16 phrases)" in printed
     # no noise labels, and the filter kept no synthetic caption that could be checked
     capfilt = put("capfilt2.json", {"captions_vs_scene": {"synthetic": {"all": synthetic["all"]}}})
     res = run_compare(str(tmp_path / "compare2.json"), ret, cap, capfilt)
