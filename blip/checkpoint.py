@@ -488,9 +488,20 @@ def save_pth(model: BLIP, path: str | os.PathLike, task: str = "auto", queue_siz
     (see original_state_dict); blipctl's own config rides along under `blipctl_config`. Returns the task."""
     if Path(path).is_dir():
         raise InputError(f"out: {path} is a directory; the pth format needs a .pth file path (e.g. {path}/model.pth)")
+    check_blip_shaped(model, "the original .pth format")
     sd, task = original_state_dict(model, task, queue_size)
     atomic_torch_save({"model": sd, "blipctl_config": model.config.to_dict()}, Path(path))
     return task
+
+
+def check_blip_shaped(model: BLIP, target: str) -> None:
+    """Refuse a model whose shape `target` cannot express, rather than write weights it would load wrongly."""
+    if model.config.vision.stem != "none":
+        raise InputError(
+            f"this model's vision tower has a {model.config.vision.stem!r} stem (vision.stem in its config.json), and "
+            f"{target} has no place for one: its image embedding is a single patch convolution, so the stem's weights "
+            "would be dropped or misread. Keep it in blipctl format (--format blipctl)"
+        )
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -639,6 +650,7 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
     from transformers import BlipConfig as HFBlipConfig
 
     c = model.config
+    check_blip_shaped(model, "Hugging Face BLIP")
     if task == "auto":
         task = "caption" if c.text_decoder else "retrieval"
     if task == "caption" and not c.text_decoder:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from blip.errors import InputError
 
@@ -26,6 +26,12 @@ class VisionConfig:
     """Stochastic depth rate (the original uses 0.1 for ViT-L)."""
     grad_ckpt_layers: int = 0
     """Activation-checkpoint the last N blocks while training (the original's ckpt_layer)."""
+    stem: Literal["none", "conv"] = "none"
+    """How pixels become patch tokens. "none": BLIP's single Conv2d(kernel = stride = patch_size), the only shape
+    Hugging Face BLIP and the original checkpoints know. "conv": a small convolutional stem instead (log2(patch_size)
+    3x3 stride-2 conv + BatchNorm + ReLU stages, widths doubling up to `width`, then a 1x1 conv; Xiao et al. 2021,
+    "Early convolutions help transformers see better"): a tiny ViT trained briefly on few images learns shapes with
+    it and barely without it (docs/demo-capfilt.md). Such a model cannot be exported to the HF or .pth formats."""
 
     @property
     def num_patches(self) -> int:

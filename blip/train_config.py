@@ -43,6 +43,9 @@ class ModelArgs:
     patch_size: int | None = None
     """Fresh models only: the ViT patch size (None keeps the size's 16). Smaller patches see finer detail at the
     same image size, for more compute."""
+    stem: Literal["none", "conv"] | None = None
+    """Fresh models only: "conv" puts a small convolutional stem in front of the ViT instead of BLIP's patch
+    projection (see blip.config.VisionConfig.stem; such models cannot be exported to HF or .pth); None keeps "none"."""
     grad_ckpt_layers: int = 0
     """Activation-checkpoint the last N ViT blocks (saves memory, costs a re-forward)."""
     dropout: float | None = None

@@ -56,6 +56,11 @@ class TrainSetup:
                     f"model.patch_size: {cfg.model.patch_size}, but model.init {cfg.model.init} has patches of "
                     f"{src.vision.patch_size} (only fresh models choose it)"
                 )
+            if cfg.model.stem not in (None, src.vision.stem):
+                raise InputError(
+                    f"model.stem: {cfg.model.stem!r}, but model.init {cfg.model.init} has stem {src.vision.stem!r} "
+                    "(only fresh models choose it)"
+                )
             model = _derive(loaded.model, cfg, cfg.model.init)
             return model, loaded.tokenizer
         return self.fresh_model()
@@ -69,6 +74,8 @@ class TrainSetup:
         mc = model_config(cfg.model.size, image_size=cfg.model.image_size, tokenizer=tok)
         if cfg.model.patch_size is not None:
             mc = dataclasses.replace(mc, vision=dataclasses.replace(mc.vision, patch_size=cfg.model.patch_size))
+        if cfg.model.stem is not None:
+            mc = dataclasses.replace(mc, vision=dataclasses.replace(mc.vision, stem=cfg.model.stem))
         mc = dataclasses.replace(mc, text_encoder=enc, text_decoder=dec)
         model = BLIP(_apply_model_overrides(mc, cfg))
         if cfg.model.text_init:

@@ -178,3 +178,21 @@ def test_from_json_strict_and_bad_input(annotated_images, tmp_path):
     (tmp_path / "bad.json").write_text('{"not": "a list"}')
     r = _invoke("data", "from-json", str(tmp_path / "bad.json"), "--images", str(root), "--out", str(tmp_path / "o"))
     assert r.exit_code == 2 and "bad.json" in r.output
+
+
+def test_phrases_vs_scene_judges_each_phrase():
+    """One verdict per "[size] colour shape [position]" phrase (the issue-15 target is per phrase); a caption is
+    right when all of them are."""
+    from blip.data.demo import caption_matches_scene, phrases_vs_scene
+
+    scene = {
+        "objects": [
+            {"color": "red", "shape": "star", "position": "left", "size": "small"},
+            {"color": "blue", "shape": "square", "position": "top", "size": "big"},
+        ]
+    }
+    text = "a small red star on the left and a big blue square on the right and a green circle"
+    assert phrases_vs_scene(text, scene) == [True, False, False]  # wrong position; no green circle
+    assert caption_matches_scene(text, scene) is False
+    assert phrases_vs_scene("a big red star", scene) == [False]  # wrong size
+    assert phrases_vs_scene("buy now cheap", scene) == [] and caption_matches_scene("buy now cheap", scene) is None

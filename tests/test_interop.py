@@ -305,3 +305,57 @@ def test_image_size_interpolation(native_ckpt, images):
     assert m.visual_encoder.pos_embed.shape[1] == 1 + 36
     r = cli("caption", *images[:1], "--model", native_ckpt, "--image-size", "48", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["caption"]
+
+
+# ---- a vision tower with a convolutional stem: native only -------------------------------------------------------
+def stem_config(tok, patch_size: int = 8, image_size: int = 32) -> BlipConfig:
+    import dataclasses
+
+    c = micro_config(tok)
+    return dataclasses.replace(
+        c, vision=dataclasses.replace(c.vision, stem="conv", patch_size=patch_size, image_size=image_size)
+    )
+
+
+@pytest.fixture(scope="module")
+def stem_ckpt(tmp_path_factory, tok, images):
+    torch.manual_seed(0)
+    m = BLIP(stem_config(tok))
+    m.train()
+    with torch.no_grad():
+        m.encode_image(torch.randn(4, 3, 32, 32) + 0.5)  # move BatchNorm's running statistics off their init
+    m.eval()
+    d = tmp_path_factory.mktemp("stem") / "ckpt"
+    save_checkpoint(m, tok, d)
+    with torch.no_grad():
+        want = m.encode_image(pixels(images))
+    return d, want
+
+
+def test_stem_model_round_trips_natively(stem_ckpt, images):
+    d, want = stem_ckpt
+    assert json.loads((d / "config.json").read_text())["model"]["vision"]["stem"] == "conv"
+    m = load_model(d).model.eval()
+    stem = m.visual_encoder.patch_embed.proj
+    assert sum(isinstance(x, torch.nn.BatchNorm2d) for x in stem) == 3  # log2(8) stride-2 stages
+    assert stem[1].running_mean.abs().sum() > 0  # buffers saved and loaded, not re-initialised
+    with torch.no_grad():
+        got = m.encode_image(pixels(images))
+    assert got.shape == (3, 1 + 16, 32)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "pth"])
+def test_export_of_stem_model_is_refused(stem_ckpt, tmp_path, fmt):
+    out = tmp_path / ("out.pth" if fmt == "pth" else "out")
+    r = cli("export", "--model", stem_ckpt[0], "--format", fmt, "--out", out)
+    assert r.exit_code == 2, r.output
+    assert "stem" in r.output and "no place for one" in r.output
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary
+
+
+def test_stem_needs_power_of_two_patches(tok):
+    from blip.errors import InputError
+
+    with pytest.raises(InputError, match="power-of-two patch_size"):
+        BLIP(stem_config(tok, patch_size=12, image_size=36))

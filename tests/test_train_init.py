@@ -163,3 +163,23 @@ def test_finetunes_need_an_init(tmp_path):
     cfg = build_config("captioner", {"train": {"out": str(tmp_path)}, "data": {"train": ["x"]}})
     with pytest.raises(InputError, match="model.init"):
         Trainer(cfg, DistInfo(), None, None).build_model(None)
+
+
+def test_conv_stem_for_fresh_models_is_inherited_by_fine_tunes(tmp_path):
+    base = {"model": {"size": "tiny", "image_size": 32, "tokenizer_vocab": 60, "stem": "conv"}}
+    base |= {"data": {"batch_size": 8, "num_samples": 64}, "train": {"out": str(tmp_path / "o"), "device": "cpu"}}
+    model, tok = Trainer(build_config("pretrain", base), DistInfo(), None, synthetic_loader(8)).build_model(None)
+    assert model.config.vision.stem == "conv"
+    assert isinstance(model.visual_encoder.patch_embed.proj, torch.nn.Sequential)
+    assert model.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, 5, 256)  # (B, 1 + 2x2 patches, D)
+    with pytest.raises(InputError, match="model.stem"):
+        build_config("pretrain", {**base, "model": {**base["model"], "stem": "resnet"}})
+    save_checkpoint(model, tok, tmp_path / "stem")
+    ft = {**base, "model": {"init": str(tmp_path / "stem"), "image_size": 32}}
+    derived, _ = Trainer(build_config("captioner", ft), DistInfo(), None, synthetic_loader(8)).build_model(None)
+    assert derived.config.vision.stem == "conv"  # the fine-tune keeps the stem and its weights
+    w = "visual_encoder.patch_embed.proj.0.weight"
+    assert torch.equal(derived.state_dict()[w], model.state_dict()[w])
+    ft["model"]["stem"] = "none"
+    with pytest.raises(InputError, match="model.stem: 'none', but --init .*stem has stem 'conv'"):
+        Trainer(build_config("filter", ft), DistInfo(), None, synthetic_loader(8)).build_model(None)

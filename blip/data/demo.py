@@ -217,6 +217,21 @@ _OBJECT_PHRASE = re.compile(
 )
 
 
+def phrases_vs_scene(text: str, scene: dict) -> list[bool]:
+    """One verdict per "[size] colour shape [position]" phrase of a caption: an object of that colour and shape is in
+    the scene, of that size and at that position when they are given."""
+    objects = {(o["color"], o["shape"]): o for o in scene.get("objects", [])}
+    verdicts = []
+    for size_word, color, shape_word, position_word in _OBJECT_PHRASE.findall(text.lower()):
+        o = objects.get((color, _SHAPE_OF[shape_word]))
+        verdicts.append(
+            o is not None
+            and (not size_word or _SIZE_OF[size_word] == o["size"])
+            and (not position_word or _POSITION_OF[position_word] == o["position"])
+        )
+    return verdicts
+
+
 def caption_matches_scene(text: str, scene: dict) -> bool | None:
     """Whether a caption names only what the scene holds: every "[size] colour shape [position]" phrase an object of
     that colour and shape, of that size and at that position when they are given. None: no such phrase (junk, or a
@@ -224,19 +239,8 @@ def caption_matches_scene(text: str, scene: dict) -> bool | None:
 
     The demo world records every scene, so synthetic captions can be checked, not just scored by the filter.
     """
-    objects = {(o["color"], o["shape"]): o for o in scene.get("objects", [])}
-    phrases = _OBJECT_PHRASE.findall(text.lower())
-    if not phrases:
-        return None
-    for size_word, color, shape_word, position_word in phrases:
-        o = objects.get((color, _SHAPE_OF[shape_word]))
-        if o is None:
-            return False
-        if (size_word and _SIZE_OF[size_word] != o["size"]) or (
-            position_word and _POSITION_OF[position_word] != o["position"]
-        ):
-            return False
-    return True
+    verdicts = phrases_vs_scene(text, scene)
+    return all(verdicts) if verdicts else None
 
 
 def junk_caption(rng: random.Random) -> str:

@@ -2,6 +2,8 @@
 
 timm's VisionTransformer already uses the original parameter names (cls_token, pos_embed, patch_embed.proj,
 blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm) and scaled_dot_product_attention.
+With `VisionConfig.stem = "conv"` the patch projection is a small convolutional stem (`conv_stem`), keyed
+`patch_embed.proj.N.*`: not a BLIP shape, so such a model is never exported to the HF or original formats.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class ViT(VisionTransformer):
             norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
         )
         assert self.blocks[0].mlp.fc1.out_features == cfg.mlp_dim, "mlp_dim must be representable as a ratio"
+        if cfg.stem == "conv":
+            self.patch_embed.proj = conv_stem(cfg.patch_size, cfg.width)
         self.grad_ckpt_layers = cfg.grad_ckpt_layers
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -50,6 +54,28 @@ class ViT(VisionTransformer):
             else:
                 x = blk(x)
         return self.norm(x)
+
+
+def conv_stem(patch_size: int, width: int) -> nn.Sequential:
+    """(B, 3, H, W) -> (B, width, H / patch_size, W / patch_size), like the patch projection it replaces.
+
+    log2(patch_size) stages of 3x3 stride-2 conv + BatchNorm + ReLU whose widths double up to `width` (e.g. 32, 64,
+    128, 256 for patch 16 and width 256), then a 1x1 conv: the ViT-C stem of Xiao et al. 2021 ("Early convolutions
+    help transformers see better"). It gives a small ViT the locality a 16x16 linear projection lacks.
+    """
+    from blip.errors import InputError
+
+    stages = patch_size.bit_length() - 1
+    if patch_size < 2 or 1 << stages != patch_size:
+        raise InputError(f"vision.stem = 'conv' needs a power-of-two patch_size (2, 4, 8, 16, ...), got {patch_size}")
+    layers: list[nn.Module] = []
+    c_in = 3
+    for i in range(stages):
+        c_out = max(width >> (stages - 1 - i), 8)
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, width, 1))
+    return nn.Sequential(*layers)
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:

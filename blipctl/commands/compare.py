@@ -80,6 +80,8 @@ def run_compare(
                 f"synthetic captions naming the scene right: {synthetic['all']['share']:.1%} of all, "
                 f"{kept['share']:.1%} of the {kept['checked']} kept"
             )
+            if kept.get("phrases"):  # the issue-15 target is per "[size] colour shape [position]" phrase
+                line += f" ({kept['phrases_right_share']:.1%} of their {kept['phrases']} phrases)"
             table.caption = f"{table.caption}; {line}" if table.caption else line
     console.print(table)
     write_json(out, result, ensure_ascii=False)
