@@ -22,7 +22,7 @@ runner = CliRunner()
 
 def test_there_are_recipes():
     names = {p.name for p in RECIPES}
-    assert {"demo.toml", "ablation.toml", "blip-base-14m.toml", "coco-finetune.toml"} <= names
+    assert {"demo.toml", "blip-base-14m.toml", "coco-finetune.toml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -59,13 +59,9 @@ def test_demo_recipe_is_the_bootstrap():
     assert by["capfilt"].params["inputs"] == a.params["data"]["train"][1]  # A's raw web is what CapFilt cleans
     assert by["capfilt"].params["captioner"] == by["captioner"].params["out"]
     assert by["capfilt"].params["filter"] == by["filter"].params["out"]
-    # B learns from the full CapFilt: the web captions the filter keeps plus one nucleus-sampled synthetic caption
-    # per web image, filtered too (the paper's setting)
-    assert by["capfilt"].params["num_captions"] == 1 and by["capfilt"].params.get("num_beams", 0) == 0
-    assert by["capfilt"].params["top_p"] == 0.9
-    # the laptop model sees shapes through a convolutional stem, a fresh-model option every later step inherits
-    assert w.params["model"]["stem"] == "conv" and "init" not in w.params
-    assert all("stem" not in st.params.get("model", {}) for st in r.steps if st is not w)
+    # B learns from the filtered web captions alone: the tiny captioner's shapes and positions are at chance level,
+    # and the synthetic captions the filter let through cost B retrieval (README); one override turns them on
+    assert by["capfilt"].params["num_captions"] == 0
     assert b.params["data"]["train"][1] == by["capfilt"].params["out_dir"]
     # CapFilt's captioner and filter are fine-tuned from A
     assert by["captioner"].params["init"] == by["filter"].params["init"] == a.params["out"]
@@ -116,56 +112,6 @@ def test_demo_scores_whole_captions():
     for name in ("caption_a", "caption_b"):
         assert by[name].params["max_length"] >= longest, name
         assert "prompt" not in by[name].params  # the fine-tune's prompt (eval-caption's default) is the one scored
-
-
-def test_ablation_recipe_is_the_papers_table_1():
-    """Four pre-trainings from one warm start with one budget, differing only in their web data; every step the
-    demo has is the demo's, option for option, so that after `make demo` the ablation reruns none of them."""
-    demo = {s.name: s for s in load_recipe(ROOT / "recipes" / "demo.toml").steps}
-    abl = load_recipe(ROOT / "recipes" / "ablation.toml")
-    by = {s.name: s for s in abl.steps}
-    assert abl.meta["out"] == load_recipe(ROOT / "recipes" / "demo.toml").meta["out"]
-    for name, st in demo.items():
-        assert (by[name].command, by[name].params) == (st.command, st.params), name
-    data_out = by["data"].params["out"]
-    web = {
-        "raw web": data_out + "/web",
-        "Filt": by["capfilt_filt"].params["out_dir"],
-        "Cap": by["capfilt_cap"].params["out_dir"],
-        "CapFilt": by["capfilt"].params["out_dir"],
-    }
-    pretrain = {"raw web": "pretrain_a", "Filt": "pretrain_filt", "Cap": "pretrain_cap", "CapFilt": "pretrain_b"}
-    captioner = {"raw web": "captioner", "Filt": "captioner_filt", "Cap": "captioner_cap", "CapFilt": "captioner_b"}
-
-    def without(params: dict, *keys: str) -> dict:
-        return {k: v for k, v in params.items() if k not in keys}
-
-    ref = by["pretrain_a"].params
-    for label, name in pretrain.items():
-        p = by[name].params
-        assert p["init"] == by["warmstart"].params["out"], name
-        assert p["data"]["train"] == [data_out + "/human", web[label]], name
-        assert without(p, "out", "data") == without(ref, "out", "data"), name  # same steps, batch, losses, seeds
-        assert without(p["data"], "train") == without(ref["data"], "train"), name
-        cap = by[captioner[label]].params
-        assert cap["init"] == p["out"] and without(cap, "init", "out") == without(by["captioner"].params, "init", "out")
-    # the variants' data: Filt has no synthetic captions; Cap has CapFilt's synthetic captions, unfiltered
-    cf, filt, cap = by["capfilt"].params, by["capfilt_filt"].params, by["capfilt_cap"].params
-    assert filt["num_captions"] == 0 and filt["threshold"] == cf["threshold"]
-    assert cap["threshold"] == 0.0 and without(cap, "threshold", "out_dir") == without(cf, "threshold", "out_dir")
-    assert without(filt, "num_captions", "top_p", "out_dir") == without(cf, "num_captions", "top_p", "out_dir")
-    # one table, the paper's column order
-    cmp = by["compare_ablation"].params
-    assert list(cmp["retrieval"]) == list(cmp["caption"]) == ["raw web", "Filt", "Cap", "CapFilt"]
-    for label in pretrain:
-        assert cmp["retrieval"][label] == by[f"retrieval_{_tag(label)}"].params["out"]
-        assert by[f"retrieval_{_tag(label)}"].params["model"] == by[pretrain[label]].params["out"]
-        assert by[f"caption_{_tag(label)}"].params["model"] == by[captioner[label]].params["out"]
-        assert cmp["caption"][label] == by[f"caption_{_tag(label)}"].params["out"]
-
-
-def _tag(label: str) -> str:
-    return {"raw web": "a", "Filt": "filt", "Cap": "cap", "CapFilt": "b"}[label]
 
 
 # ---- the runner on real, fast steps ---------------------------------------------------------------------------------
@@ -289,19 +235,10 @@ CI_DEMO = [
 ]
 
 
-CI_ABLATION = [
-    "pretrain_filt.max_steps=8",
-    "pretrain_cap.max_steps=8",
-    "captioner_filt.max_steps=4",
-    "captioner_cap.max_steps=4",
-]
-
-
 @pytest.mark.slow
-def test_demo_and_ablation_recipes_end_to_end_at_reduced_scale(tmp_path):
+def test_demo_recipe_end_to_end_at_reduced_scale(tmp_path):
     """The real `blipctl run recipes/demo.toml` (CI scale): every step runs, the table is written, a rerun of the
-    finished recipe does nothing; then `blipctl run recipes/ablation.toml` on the same directory runs only what the
-    demo did not (Filt and Cap) and writes the four-column table."""
+    finished recipe does nothing."""
     import os
     import subprocess
     import sys
@@ -326,30 +263,6 @@ def test_demo_and_ablation_recipes_end_to_end_at_reduced_scale(tmp_path):
     steps = len(load_recipe(ROOT / "recipes" / "demo.toml").steps)
     assert r.returncode == 0 and r.stderr.count("done, skipped") == steps, r.stderr
     assert time.perf_counter() - t0 < 30
-    # the ablation on top: it reuses every demo step and trains only Filt and Cap
-    abl = [
-        str(blipctl),
-        "run",
-        str(ROOT / "recipes" / "ablation.toml"),
-        f"recipe.out={tmp_path}",
-        *CI_DEMO,
-        *CI_ABLATION,
-    ]
-    r = subprocess.run(abl, capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("done, skipped") == steps, r.stderr
-    table = json.loads((tmp_path / "ablation.json").read_text())
-    for label in ("raw web", "Filt", "Cap", "CapFilt"):
-        for key in ("TR@1", "IR@1", "R@mean", "BLEU-4", "CIDEr"):
-            assert isinstance(table["metrics"][key][label], float), (key, label, table)
-    assert (
-        table["metrics"]["R@mean"]["CapFilt"]
-        == json.loads((tmp_path / "compare.json").read_text())["metrics"]["R@mean"]["B"]
-    )
-    cap = json.loads((tmp_path / "capfilt_cap" / "capfilt.json").read_text())
-    assert cap["counts"]["synthetic"]["dropped"] == cap["counts"]["web"]["dropped"] == 0  # Cap filters nothing
-    filt = json.loads((tmp_path / "capfilt_filt" / "capfilt.json").read_text())
-    assert filt["counts"].get("synthetic", {}).get("in", 0) == 0 and filt["counts"]["web"] == summary["counts"]["web"]
 
 
 PT = (
@@ -400,10 +313,7 @@ def test_compare_tabulates_models_the_filter_and_the_synthetic_captions(tmp_path
         "noisy_removed": 0.8,
         "clean_kept": 0.9,
     }
-    synthetic = {
-        "all": {"checked": 40, "right": 8, "share": 0.2},
-        "kept": {"checked": 10, "right": 1, "share": 0.1, "phrases": 16, "phrases_right_share": 0.5625},
-    }
+    synthetic = {"all": {"checked": 40, "right": 8, "share": 0.2}, "kept": {"checked": 10, "right": 1, "share": 0.1}}
     capfilt = put("capfilt.json", {"filter_vs_noise_labels": noise, "captions_vs_scene": {"synthetic": synthetic}})
     res = run_compare(str(tmp_path / "compare.json"), ret, cap, capfilt)
     assert res["metrics"]["TR@1"] == {"A": 10.0, "B": 12.5} and res["metrics"]["IR@1"]["B"] == 6.25
@@ -411,8 +321,7 @@ def test_compare_tabulates_models_the_filter_and_the_synthetic_captions(tmp_path
     assert res["filter"] == noise and res["synthetic_vs_scene"] == synthetic
     assert json.loads((tmp_path / "compare.json").read_text()) == res
     printed = " ".join(capsys.readouterr().out.split())
-    assert "noisy web captions removed 80.0%" in printed
-    assert "20.0% of all, 10.0% of the 10 kept (56.2% of their 16 phrases)" in printed
+    assert "noisy web captions removed 80.0%" in printed and "20.0% of all, 10.0% of the 10 kept" in printed
     # no noise labels, and the filter kept no synthetic caption that could be checked
     capfilt = put("capfilt2.json", {"captions_vs_scene": {"synthetic": {"all": synthetic["all"]}}})
     res = run_compare(str(tmp_path / "compare2.json"), ret, cap, capfilt)
