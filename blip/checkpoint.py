@@ -16,14 +16,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from blip.atomic import atomic_path
+from blip.atomic import atomic_path, temp_dir, umask_modes
 from blip.config import BlipConfig, TextConfig, VisionConfig
 from blip.errors import InputError
 from blip.model.blip import BLIP
@@ -147,12 +146,13 @@ def save_checkpoint(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLik
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         meta = {"format": FORMAT, "version": 1, "model": model.config.to_dict(), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         save_file(unique_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp)
+        umask_modes(tmp)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -692,7 +692,7 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
         sd.pop(LM_HEAD, None)  # tied to the word embeddings in HF too
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         hf_cfg.save_pretrained(str(tmp))
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -713,6 +713,7 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
             "do_convert_rgb": True,
         }
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+        umask_modes(tmp)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
