@@ -86,8 +86,10 @@ class TrainCheckpoints:
         write_json(self.out / "train_config.json", self.cfg.to_dict())
         metrics = self.out / "metrics.jsonl"
         if resumed and metrics.exists():  # drop lines the killed run logged after its last checkpoint
-            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.pos.step]
-            metrics.write_text("".join(ln + "\n" for ln in keep))
+            keep, torn = _metrics_upto(metrics.read_text(errors="replace"), self.pos.step)
+            if torn:
+                self.warn(f"{metrics}: dropped {torn} unreadable line(s) (a run killed while writing it)")
+            write_text(metrics, "".join(ln + "\n" for ln in keep))
         elif metrics.exists():
             metrics.unlink()
         if self.cfg.train.tensorboard:
@@ -206,6 +208,25 @@ def load_state_file(path: Path, ckpt: Path) -> Any:
             f"train.resume: {path} is not training state blipctl wrote; refusing to load it ({reason})",
             param="resume",
         ) from None
+
+
+def _metrics_upto(text: str, step: int) -> tuple[list[str], int]:
+    """The metrics.jsonl lines logged at or before `step`, and how many lines did not parse: a run killed while
+    appending leaves a torn last line, which must not stop the resume."""
+    keep, torn = [], 0
+    for ln in text.splitlines():
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            s = rec["step"] if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
+        except (ValueError, RecursionError):
+            s = None
+        if s is None:
+            torn += 1
+        elif s <= step:
+            keep.append(ln)
+    return keep, torn
 
 
 # ---- positions and RNG -------------------------------------------------------------------------------------------

@@ -82,3 +82,23 @@ def test_a_genuine_state_still_resumes(checkpoint, tmp_path):
     cfg = build_config("captioner", config_dict("captioner", init, out, train={"max_steps": 2, "resume": "auto"}))
     result = train(cfg, loader_fn=synthetic_loader(8, prompt=cfg.data.prompt))
     assert result["step"] == 2
+
+
+# ---- crash recovery (issue 18 items 8, 9) -----------------------------------------------------------------------
+def test_a_torn_metrics_line_does_not_block_resume(checkpoint, tmp_path):
+    """A run killed while appending to metrics.jsonl leaves half a line; --resume auto drops it and continues."""
+    import json
+    import shutil
+
+    init, out, _ = checkpoint
+    out = shutil.copytree(out, tmp_path / "run")
+    metrics = out / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + whole.splitlines()[-1][:17])  # a torn copy of the last record, no newline
+    cfg = build_config("captioner", config_dict("captioner", init, out, train={"max_steps": 2, "resume": "auto"}))
+    events = []
+    result = train(cfg, on_log=events.append, loader_fn=synthetic_loader(8, prompt=cfg.data.prompt))
+    assert result["step"] == 2
+    steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]  # every line parses
+    assert steps == [1, 2]
+    assert any("metrics.jsonl" in e.get("message", "") for e in events if e["event"] == "warning")
