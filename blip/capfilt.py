@@ -352,7 +352,6 @@ def run(
         shards = expand_shards(inputs)
         out_path = Path(out)
         barrier(info)  # rank 0 may have just cleared `out` (a recipe rerun): every rank reads it after that
-        out_path.mkdir(parents=True, exist_ok=True)
         mine = assign_shards(shards, shard_index, num_shards, rank, world)
         todo = [s for s in mine if not is_done(out_path, s)]
         cap_src = captioner or DEFAULT_CAPTIONER
@@ -378,6 +377,7 @@ def run(
             c = load(cap_src) if cfg.num_captions > 0 else None  # 0: filter web captions only
             f = load(filt_src)
             boot = Bootstrapper(c and c.model, c and c.tokenizer, f.model, f.tokenizer, cfg)
+            out_path.mkdir(parents=True, exist_ok=True)  # only now: a bad option or model leaves nothing behind
             t0 = time.perf_counter()
 
             def seen(k: int) -> None:
@@ -391,6 +391,8 @@ def run(
                 prog.shards_done += 1
                 seen(0)
         barrier(info)
+        if rank == 0:
+            out_path.mkdir(parents=True, exist_ok=True)
         return summarize(out_path, shards, settings) if rank == 0 else {}
     finally:
         cleanup(info)

@@ -292,7 +292,15 @@ def _head_hints(p: Path, tokenizer: str | None) -> dict[str, int]:
             continue
         c = _read_json(d / "config.json")
         if c.get("format") == FORMAT:
-            return {"vision": c["model"]["vision"]["heads"], "text": c["model"]["text"]["heads"]}
+            m = c.get("model")
+            heads = [m.get(t, {}).get("heads") if isinstance(m, dict) and isinstance(m.get(t), dict) else None
+                     for t in ("vision", "text")]  # fmt: skip
+            if not all(isinstance(h, int) and h > 0 for h in heads):
+                raise InputError(
+                    f"{d / 'config.json'}: a blipctl config with no model.vision.heads / model.text.heads "
+                    f"(read for the attention head counts of {p.name})"
+                )
+            return {"vision": heads[0], "text": heads[1]}
         if "vision_config" in c or "text_config" in c:
             return {
                 "vision": c.get("vision_config", {}).get("num_attention_heads", 12),

@@ -129,18 +129,21 @@ def test_capfilt_config_refuses_bad_values(kw, name):
     [
         (["--threshold", "nan"], "threshold"),
         (["--threshold", "1.5"], "threshold"),
-        (["--top-p", "0"], "top_p"),
-        (["--top-p", "1.01"], "top_p"),
-        (["--batch-size", "0"], "batch_size"),
-        (["--max-length", "0"], "max_length"),
-        (["--min-length", "12", "--max-length", "10"], "min_length"),
+        (["--top-p", "0"], "top.p"),
+        (["--top-p", "1.01"], "top.p"),
+        (["--batch-size", "0"], "batch.size"),
+        (["--max-length", "0"], "max.length"),
+        (["--min-length", "12", "--max-length", "10"], "min.length"),
+        (["--shard-index", "2", "--num-shards", "2"], "--shard-index"),
+        (["--filter", "{tmp}/no/such/model"], "no such file"),
     ],
 )
 def test_capfilt_bad_options_exit_2(args, name, shards, ckpt, tmp_path):
     out = tmp_path / "out"
+    args = [a.format(tmp=tmp_path) for a in args]
     r = cli("capfilt", "--in", shards, "--out", out, "--captioner", ckpt, "--filter", ckpt, "--device", "cpu", *args)
     refused(r, name)
-    assert not list(out.glob("*.tar"))
+    assert not out.exists()  # nothing created for a run that never started
 
 
 @pytest.mark.parametrize(
@@ -321,6 +324,21 @@ def test_pth_without_tokenizer_offline_exit_2_asking_for_one(ckpt, images, tmp_p
     assert "--tokenizer DIR" in msg and "model.pth" in msg and "Traceback" not in r.stderr
     r = cli("caption", images[0], "--model", pth, "--tokenizer", ckpt, "--device", "cpu", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["caption"]  # with the tokenizer: a real caption
+
+
+@pytest.mark.parametrize("config", [{"format": "blipctl"}, {"format": "blipctl", "model": {"vision": []}}])
+def test_blipctl_config_beside_a_pth_without_model_exit_2_naming_it(config, ckpt, images, tmp_path):
+    """A bare .pth (no embedded config) takes its head counts from a config.json beside it; one with no usable
+    `model` is named (was KeyError, exit 1)."""
+    from blip.checkpoint import read_pth
+
+    exported = tmp_path / "x.pth"
+    assert cli("export", "--model", ckpt, "--format", "pth", "--out", exported).exit_code == 0
+    bare = tmp_path / "bare" / "model.pth"
+    bare.parent.mkdir()
+    torch.save({"model": read_pth(exported)}, bare)
+    (bare.parent / "config.json").write_text(json.dumps(config))
+    refused(cli("caption", images[0], "--model", bare, "--tokenizer", ckpt), re.escape(str(bare.parent / "config.json")))
 
 
 @pytest.mark.parametrize("source", ["runs/x.pth", "runs/modle", "./runs/modle", "{tmp}/runs/modle", "ckpt.safetensors"])
