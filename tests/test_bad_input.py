@@ -338,7 +338,8 @@ def test_blipctl_config_beside_a_pth_without_model_exit_2_naming_it(config, ckpt
     bare.parent.mkdir()
     torch.save({"model": read_pth(exported)}, bare)
     (bare.parent / "config.json").write_text(json.dumps(config))
-    refused(cli("caption", images[0], "--model", bare, "--tokenizer", ckpt), re.escape(str(bare.parent / "config.json")))
+    named = re.escape(str(bare.parent / "config.json"))
+    refused(cli("caption", images[0], "--model", bare, "--tokenizer", ckpt), named)
 
 
 @pytest.mark.parametrize("source", ["runs/x.pth", "runs/modle", "./runs/modle", "{tmp}/runs/modle", "ckpt.safetensors"])
