@@ -27,6 +27,7 @@ from blip.config import BlipConfig, TextConfig, VisionConfig
 from blip.errors import InputError
 from blip.model.blip import BLIP
 from blip.model.vit import interpolate_pos_embed
+from blip.outputs import check_output_dir, install_dir, mark
 from blip.tokenizer import Tokenizer
 
 FORMAT = "blipctl"
@@ -140,11 +141,16 @@ def _check_vocab(model: BLIP, tok: Tokenizer, src: str) -> None:
 
 
 # ---- native ------------------------------------------------------------------------------------------------------
-def save_checkpoint(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write a native checkpoint directory atomically (a temporary sibling, then rename)."""
+def save_checkpoint(
+    model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, extra: dict | None = None, overwrite: bool = False
+) -> Path:
+    """Write a native checkpoint directory through a temporary sibling: a new directory appears whole; into an
+    existing checkpoint (or any non-empty directory with `overwrite`) the files are replaced one by one, config.json
+    last, and no other file is deleted. Any other non-empty directory is refused (blip.outputs)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    check_output_dir(out, "checkpoint", overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     try:
@@ -153,7 +159,7 @@ def save_checkpoint(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLik
         save_file(unique_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp)
         umask_modes(tmp)
-        replace_dir(tmp, out)
+        install_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -641,8 +647,12 @@ def _load_hf(p: Path) -> tuple[BLIP, Tokenizer]:
     return model, tok
 
 
-def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, task: str = "auto") -> tuple[Path, str]:
-    """Write a directory that transformers' BlipForConditionalGeneration / BlipForImageTextRetrieval loads."""
+def export_hf(
+    model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, task: str = "auto", overwrite: bool = False
+) -> tuple[Path, str]:
+    """Write a directory that transformers' BlipForConditionalGeneration / BlipForImageTextRetrieval loads.
+
+    An existing non-empty directory must be an earlier export (or `overwrite` given); its other files are kept."""
     from safetensors.torch import save_file
     from transformers import BlipConfig as HFBlipConfig
 
@@ -657,6 +667,7 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
         raise InputError("task retrieval needs a model with a text encoder (this one is a captioner)", param="task")
     if task not in ("caption", "retrieval"):
         raise InputError(f"task must be auto, caption or retrieval, not {task!r}", param="task")
+    check_output_dir(out_dir, "hf-export", overwrite)
     arch = "BlipForConditionalGeneration" if task == "caption" else "BlipForImageTextRetrieval"
     v, t = c.vision, c.text
     hf_cfg = HFBlipConfig(
@@ -721,8 +732,9 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
             "do_convert_rgb": True,
         }
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+        mark(tmp, "hf-export")
         umask_modes(tmp)
-        replace_dir(tmp, out)
+        install_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, arch

@@ -32,6 +32,7 @@ from blip import distributed as D
 from blip.atomic import write_json, write_text
 from blip.checkpoint import replace_dir, save_checkpoint
 from blip.errors import InputError
+from blip.outputs import check_output_dir
 
 STATE_DIR = "train_state"
 LATEST = "latest"
@@ -75,6 +76,8 @@ class TrainCheckpoints:
                 if not (p / STATE_DIR).is_dir():
                     raise InputError(f"train.resume: {r} is not a checkpoint with {STATE_DIR}/ (or a run dir)")
                 found = str(p)
+            if found is None:  # a new run: `out` must be empty, missing or a run (blip.outputs)
+                check_output_dir(self.out, "run", self.cfg.train.overwrite, param="train.out")
         found = D.broadcast_object(found, self.info)
         if found is None and r == "auto":
             self.warn(f"no checkpoint in {self.out}: starting from scratch")

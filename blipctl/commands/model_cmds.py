@@ -147,6 +147,14 @@ def export(
         ),
     ] = "auto",
     tokenizer: TokenizerOpt = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Write into a non-empty --out that is not an earlier export of this format: blipctl's files are "
+            "replaced, every other file is kept.",
+        ),
+    ] = False,
 ) -> None:
     """Convert a checkpoint: to a transformers BLIP directory, to an original-style .pth, or to blipctl format.
 
@@ -163,13 +171,13 @@ def export(
 
     loaded = _load(model, tokenizer, None, "cpu")
     if fmt == "hf":
-        path, arch = export_hf(loaded.net, loaded.tokenizer, out, task=task)
+        path, arch = export_hf(loaded.net, loaded.tokenizer, out, task=task, overwrite=overwrite)
         err.print(f"wrote {arch} to {path}")
     elif fmt == "pth":
         kind = save_pth(loaded.net, out, task=task)
         err.print(f"wrote original-format checkpoint {out} ({kind} layout)")
     elif fmt == "blipctl":
-        save_checkpoint(loaded.net, loaded.tokenizer, out)
+        save_checkpoint(loaded.net, loaded.tokenizer, out, overwrite=overwrite)
         err.print(f"wrote blipctl checkpoint {out}")
     else:
         raise InputError(f"--format must be hf, pth or blipctl, not {fmt!r}")
