@@ -53,8 +53,13 @@ def caption(
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help='One {"image", "caption"} JSON object per line.')] = False,
+    strict: Annotated[
+        bool,
+        typer.Option("--strict", help="Stop at the first unusable image or sample (exit 2) instead of skipping it."),
+    ] = False,
 ) -> None:
-    """Caption images with a BLIP captioner.
+    """Caption images with a BLIP captioner. Unusable images (in directories) and samples (in shards) are skipped
+    and counted by reason; --strict stops at the first one instead.
 
     Examples:
       blipctl caption photo.jpg --model Salesforce/blip-image-captioning-base
@@ -63,6 +68,7 @@ def caption(
     """
     from blip.api import caption_images
     from blip.checkpoint import DEFAULT_CAPTIONER
+    from blip.data.shards import SampleStats
 
     t0 = time.perf_counter()
 
@@ -89,9 +95,14 @@ def caption(
         device=device,
         seed=seed,
         on_result=show,
+        strict=strict,
+        stats=(stats := SampleStats()),
     )
     n = len({r["image"] for r in res})
     err.print(f"[dim]{n} images captioned in {time.perf_counter() - t0:.1f} s[/]")
+    if stats.total_bad:
+        reasons = ", ".join(f"{v} {k}" for k, v in sorted(stats.bad.items()))
+        err.print(f"[yellow]skipped[/] {stats.total_bad} unusable images ({reasons})", highlight=False)
 
 
 # ---- score -------------------------------------------------------------------------------------------------------
