@@ -244,9 +244,12 @@ def caption_images(
     precision: str = "fp32",
     seed: int = 0,
     on_result: Callable[[str, str], None] | None = None,
+    strict: bool = False,
+    stats: Any = None,
 ) -> list[dict]:
     """Caption every input image (files, directories, shards); calls `on_result(name, caption)` per caption and
-    returns [{"image", "caption"}]."""
+    returns [{"image", "caption"}]. Unusable images in directories and shards are skipped and counted by reason in
+    `stats` (a blip.data.shards.SampleStats, if given), or with `strict` an InputError naming the file/sample."""
     if num_captions < 1:
         raise InputError("num_captions must be at least 1", param="num_captions")
     if not sample and num_captions > num_beams:
@@ -257,7 +260,7 @@ def caption_images(
     m = model if isinstance(model, Model) else load(model, device, precision, tokenizer, image_size)
     results = []
     for name, caps in m.caption_named(
-        iter_inputs(inputs),
+        iter_inputs(inputs, stats, strict),
         num_beams=num_beams,
         sample=sample,
         top_p=top_p,

@@ -15,14 +15,40 @@ from pathlib import Path
 from typing import Any
 
 
-def _default_mode() -> int:
-    """What open() would give a new file (0o666 less the umask); mkstemp's own 0o600 would hide outputs."""
-    umask = os.umask(0)
+def _umask() -> int:
+    """The process umask, read now (a caller may have changed it since import); os.umask can only be read by
+    setting it, so it is set back at once."""
+    umask = os.umask(0o077)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-_MODE = _default_mode()
+def file_mode() -> int:
+    """What open() gives a new file (0o666 less the umask); mkstemp's own 0o600 would hide outputs from others."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """What mkdir gives a new directory (0o777 less the umask); mkdtemp's own 0o700 would hide outputs."""
+    return 0o777 & ~_umask()
+
+
+def temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new temporary directory in `parent` (to be renamed into place) with the umask's mode, like mkdir."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
+def umask_modes(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the umask's modes: some writers (safetensors) create files 0600."""
+    fmode, dmode = file_mode(), dir_mode()
+    os.chmod(root, dmode)
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(d, name), dmode)
+        for name in files:
+            os.chmod(os.path.join(d, name), fmode)
 
 
 @contextmanager
@@ -32,7 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, _MODE)
+    os.chmod(tmp, file_mode())
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -659,7 +659,6 @@ def run(
         out_path = Path(out)
         check_out_apart(inputs, shards, out_path)
         barrier(info)  # rank 0 may have just cleared `out` (a recipe rerun): every rank reads it after that
-        out_path.mkdir(parents=True, exist_ok=True)
         mine = assign_shards(shards, shard_index, num_shards, rank, world)
         cap_src = captioner or DEFAULT_CAPTIONER
         filt_src = filter or DEFAULT_FILTER
@@ -723,6 +722,7 @@ def run(
             on_progress(prog)
         if todo:
             boot = bootstrapper()
+            out_path.mkdir(parents=True, exist_ok=True)  # only now: a bad option or model leaves nothing behind
             t0 = time.perf_counter()
 
             def seen(k: int) -> None:
@@ -736,6 +736,8 @@ def run(
                 prog.shards_done += 1
                 seen(0)
         barrier(info)
+        if rank == 0:
+            out_path.mkdir(parents=True, exist_ok=True)
         return summarize(out_path, shards, settings, made_with) if rank == 0 else {}
     finally:
         cleanup(info)

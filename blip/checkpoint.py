@@ -16,18 +16,18 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from blip.atomic import atomic_path
+from blip.atomic import atomic_path, temp_dir, umask_modes
 from blip.config import BlipConfig, TextConfig, VisionConfig
 from blip.errors import InputError
 from blip.model.blip import BLIP
 from blip.model.vit import interpolate_pos_embed
+from blip.outputs import check_output_dir, install_dir, mark
 from blip.tokenizer import Tokenizer
 
 FORMAT = "blipctl"
@@ -141,19 +141,25 @@ def _check_vocab(model: BLIP, tok: Tokenizer, src: str) -> None:
 
 
 # ---- native ------------------------------------------------------------------------------------------------------
-def save_checkpoint(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write a native checkpoint directory atomically (a temporary sibling, then rename)."""
+def save_checkpoint(
+    model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, extra: dict | None = None, overwrite: bool = False
+) -> Path:
+    """Write a native checkpoint directory through a temporary sibling: a new directory appears whole; into an
+    existing checkpoint (or any non-empty directory with `overwrite`) the files are replaced one by one, config.json
+    last, and no other file is deleted. Any other non-empty directory is refused (blip.outputs)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    check_output_dir(out, "checkpoint", overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         meta = {"format": FORMAT, "version": 1, "model": model.config.to_dict(), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         save_file(unique_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp)
-        replace_dir(tmp, out)
+        umask_modes(tmp)
+        install_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -292,7 +298,15 @@ def _head_hints(p: Path, tokenizer: str | None) -> dict[str, int]:
             continue
         c = _read_json(d / "config.json")
         if c.get("format") == FORMAT:
-            return {"vision": c["model"]["vision"]["heads"], "text": c["model"]["text"]["heads"]}
+            m = c.get("model")
+            heads = [m.get(t, {}).get("heads") if isinstance(m, dict) and isinstance(m.get(t), dict) else None
+                     for t in ("vision", "text")]  # fmt: skip
+            if not all(isinstance(h, int) and h > 0 for h in heads):
+                raise InputError(
+                    f"{d / 'config.json'}: a blipctl config with no model.vision.heads / model.text.heads "
+                    f"(read for the attention head counts of {p.name})"
+                )
+            return {"vision": heads[0], "text": heads[1]}
         if "vision_config" in c or "text_config" in c:
             return {
                 "vision": c.get("vision_config", {}).get("num_attention_heads", 12),
@@ -644,8 +658,12 @@ def _load_hf(p: Path) -> tuple[BLIP, Tokenizer]:
     return model, tok
 
 
-def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, task: str = "auto") -> tuple[Path, str]:
-    """Write a directory that transformers' BlipForConditionalGeneration / BlipForImageTextRetrieval loads."""
+def export_hf(
+    model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, task: str = "auto", overwrite: bool = False
+) -> tuple[Path, str]:
+    """Write a directory that transformers' BlipForConditionalGeneration / BlipForImageTextRetrieval loads.
+
+    An existing non-empty directory must be an earlier export (or `overwrite` given); its other files are kept."""
     from safetensors.torch import save_file
     from transformers import BlipConfig as HFBlipConfig
 
@@ -661,6 +679,7 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
         raise InputError("task retrieval needs a model with a text encoder (this one is a captioner)", param="task")
     if task not in ("caption", "retrieval"):
         raise InputError(f"task must be auto, caption or retrieval, not {task!r}", param="task")
+    check_output_dir(out_dir, "hf-export", overwrite)
     arch = "BlipForConditionalGeneration" if task == "caption" else "BlipForImageTextRetrieval"
     v, t = c.vision, c.text
     hf_cfg = HFBlipConfig(
@@ -704,7 +723,7 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
         sd.pop(LM_HEAD, None)  # tied to the word embeddings in HF too
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         hf_cfg.save_pretrained(str(tmp))
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -725,7 +744,9 @@ def export_hf(model: BLIP, tokenizer: Tokenizer, out_dir: str | os.PathLike, tas
             "do_convert_rgb": True,
         }
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-        replace_dir(tmp, out)
+        mark(tmp, "hf-export")
+        umask_modes(tmp)
+        install_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, arch

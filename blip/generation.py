@@ -145,6 +145,13 @@ def generate(
     """Generate for (B, N, Dv) image tokens. Returns, per image, `num_return_sequences` lists of new token ids
     (prompt and the final [SEP] removed)."""
     cfg = cfg or GenerationConfig()
+    positions = model.config.text.max_positions
+    if max(cfg.max_length, len(prompt_ids) + 1) > positions:
+        raise InputError(
+            f"max_length: {max(cfg.max_length, len(prompt_ids) + 1)} tokens (prompt included) is more than the "
+            f"model's {positions} text positions",
+            param="max_length",
+        )
     if cfg.do_sample or cfg.num_beams == 1:
         return _sample_or_greedy(model, image_embeds, prompt_ids, cfg, generator)
     return _beam_search(model, image_embeds, prompt_ids, cfg)

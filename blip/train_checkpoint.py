@@ -12,13 +12,16 @@ InputError before anything runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import pickle
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from blip import distributed as D
 from blip.atomic import write_json, write_text
 from blip.checkpoint import replace_dir, save_checkpoint
 from blip.errors import InputError
+from blip.outputs import check_output_dir
 
 STATE_DIR = "train_state"
 LATEST = "latest"
@@ -72,6 +76,8 @@ class TrainCheckpoints:
                 if not (p / STATE_DIR).is_dir():
                     raise InputError(f"train.resume: {r} is not a checkpoint with {STATE_DIR}/ (or a run dir)")
                 found = str(p)
+            if found is None:  # a new run: `out` must be empty, missing or a run (blip.outputs)
+                check_output_dir(self.out, "run", self.cfg.train.overwrite, param="train.out")
         found = D.broadcast_object(found, self.info)
         if found is None and r == "auto":
             self.warn(f"no checkpoint in {self.out}: starting from scratch")
@@ -86,8 +92,10 @@ class TrainCheckpoints:
         write_json(self.out / "train_config.json", self.cfg.to_dict())
         metrics = self.out / "metrics.jsonl"
         if resumed and metrics.exists():  # drop lines the killed run logged after its last checkpoint
-            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.pos.step]
-            metrics.write_text("".join(ln + "\n" for ln in keep))
+            keep, torn = _metrics_upto(metrics.read_text(errors="replace"), self.pos.step)
+            if torn:
+                self.warn(f"{metrics}: dropped {torn} unreadable line(s) (a run killed while writing it)")
+            write_text(metrics, "".join(ln + "\n" for ln in keep))
         elif metrics.exists():
             metrics.unlink()
         if self.cfg.train.tensorboard:
@@ -111,23 +119,23 @@ class TrainCheckpoints:
         if self.info.is_main:
             staging = self.out / "checkpoints" / f".staging-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
-            tmp = save_checkpoint(self.model, self.tok, staging / path.name, extra=self.checkpoint_meta())
-            st = tmp / STATE_DIR
-            st.mkdir()
-            state = {
-                "position": dataclasses.asdict(self.pos),
-                "batches_per_epoch": self.batches_per_epoch,
-                "world_size": self.info.world_size,
-                "batch_size": self.cfg.data.batch_size,
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "momentum": self.momentum.state_dict() if self.momentum is not None else None,
-            }
-            torch.save(state, st / "state.pt")
-            torch.save(rng, st / "rng.pt")
-            write_json(tmp / "train_config.json", self.cfg.to_dict())
-            replace_dir(tmp, path)
-            shutil.rmtree(staging, ignore_errors=True)
+            with _writing(path, staging):
+                tmp = save_checkpoint(self.model, self.tok, staging / path.name, extra=self.checkpoint_meta())
+                st = tmp / STATE_DIR
+                st.mkdir()
+                state = {
+                    "position": dataclasses.asdict(self.pos),
+                    "batches_per_epoch": self.batches_per_epoch,
+                    "world_size": self.info.world_size,
+                    "batch_size": self.cfg.data.batch_size,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "momentum": self.momentum.state_dict() if self.momentum is not None else None,
+                }
+                _torch_save(state, st / "state.pt")
+                _torch_save(rng, st / "rng.pt")
+                write_json(tmp / "train_config.json", self.cfg.to_dict())
+                replace_dir(tmp, path)
             write_text(self.out / LATEST, f"checkpoints/{path.name}\n")
             self.prune()
             self.emit({"event": "checkpoint", "path": str(path), "step": self.pos.step})
@@ -150,12 +158,12 @@ class TrainCheckpoints:
     def save_final(self) -> None:
         """The final model, loadable as `out` itself: files moved in one by one, config.json last."""
         if self.info.is_main:
-            tmp = save_checkpoint(self.model, self.tok, self.out / f".final-{os.getpid()}", self.checkpoint_meta())
-            write_json(tmp / "train_config.json", self.cfg.to_dict())
-            (self.out / "config.json").unlink(missing_ok=True)  # incomplete until the new one lands
-            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
-                os.replace(f, self.out / f.name)
-            shutil.rmtree(tmp, ignore_errors=True)
+            with _writing(self.out, self.out / f".final-{os.getpid()}") as tmp:
+                save_checkpoint(self.model, self.tok, tmp, self.checkpoint_meta())
+                write_json(tmp / "train_config.json", self.cfg.to_dict())
+                (self.out / "config.json").unlink(missing_ok=True)  # incomplete until the new one lands
+                for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+                    os.replace(f, self.out / f.name)
         D.barrier(self.info)
 
     def load_train_state(self, ckpt: Path) -> list[dict] | None:
@@ -178,6 +186,43 @@ class TrainCheckpoints:
             self.warn(f"resuming with world_size x batch_size {new} instead of {old}: data position approximated")
             return None
         return rng
+
+
+# ---- writing -------------------------------------------------------------------------------------------------------
+def _torch_save(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """A full disk as the writers report it: OSError(ENOSPC); safetensors' 'No space left on device (os error
+    28)'; torch.save's zip writer's short write '[enforce fail at inline_container.cc] . unexpected pos N vs M'
+    (what it raises on a full tmpfs, through a path or a Python file alike)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        text = str(e)
+        if "No space left on device" in text or "os error 28" in text or "unexpected pos" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _writing(target: Path, scratch: Path) -> Iterator[Path]:
+    """Write `target` through the scratch directory `scratch`, which is removed whatever happens; a full disk is
+    told as such, naming `target` (the previous checkpoints are untouched: nothing replaces them until the new one
+    is complete)."""
+    try:
+        yield scratch
+    except Exception as e:
+        if _disk_full(e):
+            raise OSError(
+                f"no space left on device ({target}): not written; earlier checkpoints are intact. Free space "
+                f"(or lower train.keep_checkpoints) and continue with train.resume=auto"
+            ) from None
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ---- safe loading ------------------------------------------------------------------------------------------------
@@ -206,6 +251,25 @@ def load_state_file(path: Path, ckpt: Path) -> Any:
             f"train.resume: {path} is not training state blipctl wrote; refusing to load it ({reason})",
             param="resume",
         ) from None
+
+
+def _metrics_upto(text: str, step: int) -> tuple[list[str], int]:
+    """The metrics.jsonl lines logged at or before `step`, and how many lines did not parse: a run killed while
+    appending leaves a torn last line, which must not stop the resume."""
+    keep, torn = [], 0
+    for ln in text.splitlines():
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            s = rec["step"] if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
+        except (ValueError, RecursionError):
+            s = None
+        if s is None:
+            torn += 1
+        elif s <= step:
+            keep.append(ln)
+    return keep, torn
 
 
 # ---- positions and RNG -------------------------------------------------------------------------------------------

@@ -153,6 +153,9 @@ class RunArgs:
     tensorboard: bool = False
     resume: str | None = None
     """auto (the latest checkpoint in `out`, if any) or a checkpoint dir."""
+    overwrite: bool = False
+    """Start a run in a non-empty `out` that is not a training run: the run's files are written into it (same
+    names replaced), nothing else is deleted. Without it such an `out` is refused."""
 
 
 @dataclass(kw_only=True)

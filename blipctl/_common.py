@@ -55,8 +55,8 @@ def cli_message(e: InputError, flags: dict[str, str]) -> str:
     msg = str(e)
     for p in getattr(e, "params", ()):
         if p in flags:
-            # a whole word: not part of a longer name, a flag or a file name (`tokenizer.json`)
-            msg = re.sub(rf"(?<![\w.-]){re.escape(p)}(?![\w-]|\.\w)", flags[p], msg)
+            # a whole word: not part of a longer name, a flag, a path (`runs/out`) or a file name (`tokenizer.json`)
+            msg = re.sub(rf"(?<![\w./-]){re.escape(p)}(?![\w-]|\.\w)", flags[p], msg)
     return msg
 
 

@@ -251,26 +251,54 @@ def plan(recipe: Recipe) -> list[tuple[Step, bool]]:
 TRAIN_COMMANDS = TRAINING
 
 
+def _read_marker(mk: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(mk.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _entries(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name != MARKER) if out.is_dir() else []
+
+
 def _prepare_rerun(st: Step, mk: Path) -> Step:
-    """A step that finished before (its marker exists) but runs again (changed, --from, --only) starts clean: its
-    old output is removed, since training refuses a used --out and CapFilt would keep its finished shards. A step
-    that never finished (a killed run: no marker) continues instead: training with --resume auto, CapFilt by
-    skipping its finished shards.
+    """A step that finished before (its marker has a signature) but runs again (changed, --from, --only) starts
+    clean: the entries of its `out` that it wrote (recorded in the marker) are removed, since training refuses a
+    used --out and CapFilt would keep its finished shards; files the user put there are never touched. A step
+    that never finished (a killed run) continues instead: training with --resume auto, CapFilt by skipping its
+    finished shards.
 
     Under torchrun only rank 0 deletes. The other ranks' own view does not matter: training's resume decision is
     rank 0's (broadcast), evaluations write on rank 0, and CapFilt meets at a barrier before it reads its output."""
     out = Path(st.out)
-    if mk.exists():
+    old = _read_marker(mk)
+    if old.get("signature"):
         if is_rank0():
-            if mk.parent == out:  # a directory output holding our marker: ours to replace
-                shutil.rmtree(out, ignore_errors=True)
+            if mk.parent == out:  # a directory output holding our marker: remove what the step wrote
+                for name in _written(out, mk, old):
+                    p = out / name
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
             else:
                 out.unlink(missing_ok=True)
-                mk.unlink(missing_ok=True)
+            mk.unlink(missing_ok=True)
         return st
     if st.command in TRAIN_COMMANDS and st.params.get("resume") is None and (out / "latest").exists():
         return dataclasses.replace(st, params={**st.params, "resume": "auto"})
     return st
+
+
+def _written(out: Path, mk: Path, marker: dict[str, Any]) -> list[str]:
+    """What a finished step wrote in `out`: the marker's list; for a marker from before the list was recorded,
+    the entries not changed since the marker was written (a file the user added later is newer)."""
+    if isinstance(marker.get("files"), list):
+        return [f for f in marker["files"] if isinstance(f, str) and Path(f).name == f and f not in (".", "..")]
+    t = mk.stat().st_mtime
+    return [n for n in _entries(out) if (out / n).lstat().st_mtime <= t]
 
 
 def run_recipe(
@@ -307,9 +335,18 @@ def run_recipe(
             on_event("start", st, {})
         t0 = time.perf_counter()
         run_st = _prepare_rerun(st, mk)
+        out = Path(st.out)
+        # what was in `out` before the step first ran (kept across a killed attempt) is not the step's to delete
+        before = _read_marker(mk).get("before")
+        if not isinstance(before, list):
+            before = _entries(out)
+            if is_rank0() and mk.parent == out:
+                write_json(mk, {"step": st.name, "command": st.command, "before": before}, ensure_ascii=False)
         fn = commands[st.command]
         result = call(run_st, fn) if call is not None else fn(**run_st.params)
         info = {"signature": sigs[st.name], "step": st.name, "command": st.command, "seconds": time.perf_counter() - t0}
+        if mk.parent == out:
+            info["files"] = [n for n in _entries(out) if n not in before]  # what this step wrote
         if is_rank0():  # under torchrun (`--only STEP`), rank 0 marks the step done
             write_json(mk, info, ensure_ascii=False)
         results[st.name] = result

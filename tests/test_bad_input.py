@@ -131,32 +131,61 @@ def test_capfilt_config_refuses_bad_values(kw, name):
     [
         (["--threshold", "nan"], "threshold"),
         (["--threshold", "1.5"], "threshold"),
-        (["--top-p", "0"], "top_p"),
-        (["--top-p", "1.01"], "top_p"),
-        (["--batch-size", "0"], "batch_size"),
-        (["--max-length", "0"], "max_length"),
-        (["--min-length", "12", "--max-length", "10"], "min_length"),
+        (["--top-p", "0"], "top.p"),
+        (["--top-p", "1.01"], "top.p"),
+        (["--batch-size", "0"], "batch.size"),
+        (["--max-length", "0"], "max.length"),
+        (["--min-length", "12", "--max-length", "10"], "min.length"),
+        (["--shard-index", "2", "--num-shards", "2"], "--shard-index"),
+        (["--filter", "{tmp}/no/such/model"], "no such file"),
     ],
 )
 def test_capfilt_bad_options_exit_2(args, name, shards, ckpt, tmp_path):
     out = tmp_path / "out"
+    args = [a.format(tmp=tmp_path) for a in args]
     r = cli("capfilt", "--in", shards, "--out", out, "--captioner", ckpt, "--filter", ckpt, "--device", "cpu", *args)
     refused(r, name)
-    assert not list(out.glob("*.tar"))
+    assert not out.exists()  # nothing created for a run that never started
 
 
 @pytest.mark.parametrize(
     ("args", "name"),
     [
-        (["--sample", "--top-p", "0"], "top_p"),
-        (["--sample", "--top-p", "2"], "top_p"),
-        (["--batch-size", "0"], "batch_size"),
+        (["--sample", "--top-p", "0"], "top.p"),
+        (["--sample", "--top-p", "2"], "top.p"),
+        (["--batch-size", "0"], "batch.size"),
         (["--max-length", "0", "--min-length", "0"], "max.length"),
-        (["--min-length", "12", "--max-length", "10"], "min_length"),
+        (["--min-length", "12", "--max-length", "10"], "min.length"),
     ],
 )
 def test_caption_bad_options_exit_2(args, name, images, ckpt):
     refused(cli("caption", images[0], "--model", ckpt, "--device", "cpu", *args), name)
+
+
+def test_caption_skips_and_counts_a_corrupt_image_in_a_directory(ckpt, tmp_path):
+    """One corrupt image no longer stops every caption: the others are captioned, it is counted; --strict names it."""
+    d = tmp_path / "photos"
+    good = make_images(d, n=2)
+    (d / "broken.jpg").write_bytes(png(0)[:60])  # a truncated file
+    r = cli("caption", d, "--model", ckpt, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    captioned = [json.loads(ln)["image"] for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert captioned == [str(p) for p in good]
+    assert re.search(r"skipped.* 1 unusable images \(1 undecodable_image\)", r.output.replace("\n", " "))
+    refused(cli("caption", d, "--model", ckpt, "--device", "cpu", "--strict"), re.escape(str(d / "broken.jpg")))
+
+
+def test_caption_on_shards_reports_skipped_samples(ckpt, tmp_path):
+    from blip.data.shards import write_shard
+
+    samples = [{"__key__": f"s{i}", "png": png(i), "txt": "a red circle"} for i in range(2)]
+    samples.append({"__key__": "bad", "png": b"not an image", "txt": "x"})
+    write_shard(tmp_path / "web-00000.tar", samples)
+    r = cli("caption", tmp_path / "web-00000.tar", "--model", ckpt, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    assert len([ln for ln in r.stdout.splitlines() if ln.startswith("{")]) == 2
+    assert "1 unusable images (1 undecodable_image)" in r.output.replace("\n", " ")
+    refused(cli("caption", tmp_path / "web-00000.tar", "--model", ckpt, "--device", "cpu", "--strict"), "bad")
 
 
 def test_caption_top_p_edges_still_caption(images, ckpt):
@@ -323,6 +352,22 @@ def test_pth_without_tokenizer_offline_exit_2_asking_for_one(ckpt, images, tmp_p
     assert "--tokenizer DIR" in msg and "model.pth" in msg and "Traceback" not in r.stderr
     r = cli("caption", images[0], "--model", pth, "--tokenizer", ckpt, "--device", "cpu", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["caption"]  # with the tokenizer: a real caption
+
+
+@pytest.mark.parametrize("config", [{"format": "blipctl"}, {"format": "blipctl", "model": {"vision": []}}])
+def test_blipctl_config_beside_a_pth_without_model_exit_2_naming_it(config, ckpt, images, tmp_path):
+    """A bare .pth (no embedded config) takes its head counts from a config.json beside it; one with no usable
+    `model` is named (was KeyError, exit 1)."""
+    from blip.checkpoint import read_pth
+
+    exported = tmp_path / "x.pth"
+    assert cli("export", "--model", ckpt, "--format", "pth", "--out", exported).exit_code == 0
+    bare = tmp_path / "bare" / "model.pth"
+    bare.parent.mkdir()
+    torch.save({"model": read_pth(exported)}, bare)
+    (bare.parent / "config.json").write_text(json.dumps(config))
+    named = re.escape(str(bare.parent / "config.json"))
+    refused(cli("caption", images[0], "--model", bare, "--tokenizer", ckpt), named)
 
 
 @pytest.mark.parametrize("source", ["runs/x.pth", "runs/modle", "./runs/modle", "{tmp}/runs/modle", "ckpt.safetensors"])

@@ -329,3 +329,19 @@ def test_compare_tabulates_models_the_filter_and_the_synthetic_captions(tmp_path
     printed = " ".join(capsys.readouterr().out.split())
     assert "synthetic captions naming the scene right: 20.0% of all, 0.0% of the 0 kept" in printed
     assert "; synthetic" not in printed
+
+
+def test_a_rerun_removes_only_what_the_step_wrote(tmp_path):
+    """Files the user put in a step's `out`, before its first run or after it finished, survive a changed rerun
+    (issue 18 item 6: the rerun used to delete the whole directory)."""
+    p = _write(tmp_path, DATA)
+    data_dir = tmp_path / "out" / "data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "before.txt").write_text("mine")
+    run_recipe(load_recipe(p))
+    (data_dir / "after.txt").write_text("mine too")
+    written = json.loads((data_dir / MARKER).read_text())["files"]
+    assert "world.json" in written and "before.txt" not in written
+    assert run_recipe(load_recipe(p, ["data.noise=0.5"]))["data"] != "skipped"
+    assert (data_dir / "before.txt").read_text() == "mine" and (data_dir / "after.txt").read_text() == "mine too"
+    assert (data_dir / "world.json").is_file() and json.loads((data_dir / MARKER).read_text())["signature"]

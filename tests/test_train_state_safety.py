@@ -3,6 +3,7 @@ CLI exit 2) and nothing runs (DESIGN §10; issue 18 item 1)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import subprocess
@@ -82,3 +83,59 @@ def test_a_genuine_state_still_resumes(checkpoint, tmp_path):
     cfg = build_config("captioner", config_dict("captioner", init, out, train={"max_steps": 2, "resume": "auto"}))
     result = train(cfg, loader_fn=synthetic_loader(8, prompt=cfg.data.prompt))
     assert result["step"] == 2
+
+
+# ---- crash recovery (issue 18 items 8, 9) -----------------------------------------------------------------------
+def test_a_torn_metrics_line_does_not_block_resume(checkpoint, tmp_path):
+    """A run killed while appending to metrics.jsonl leaves half a line; --resume auto drops it and continues."""
+    import json
+    import shutil
+
+    init, out, _ = checkpoint
+    out = shutil.copytree(out, tmp_path / "run")
+    metrics = out / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + whole.splitlines()[-1][:17])  # a torn copy of the last record, no newline
+    cfg = build_config("captioner", config_dict("captioner", init, out, train={"max_steps": 2, "resume": "auto"}))
+    events = []
+    result = train(cfg, on_log=events.append, loader_fn=synthetic_loader(8, prompt=cfg.data.prompt))
+    assert result["step"] == 2
+    steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]  # every line parses
+    assert steps == [1, 2]
+    assert any("metrics.jsonl" in e.get("message", "") for e in events if e["event"] == "warning")
+
+
+# what the writers raise on a full disk (measured on a 1 MiB tmpfs): torch.save's zip writer, and the errno itself
+FULL_DISK = {
+    "torch": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+    "errno": OSError(errno.ENOSPC, "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("raised", FULL_DISK)
+def test_a_full_disk_during_a_checkpoint_is_told_and_cleaned_up(checkpoint, tmp_path, monkeypatch, raised):
+    """A full disk at the second checkpoint's state.pt: the error names the checkpoint and the full disk, the
+    staging directory is gone, the first checkpoint is intact and the run resumes from it."""
+    import blip.train_checkpoint as tc
+
+    init, _, _ = checkpoint
+    out = tmp_path / "run"
+    real, calls = tc._torch_save, []
+
+    def save_on_a_full_disk(obj, path):
+        calls.append(path.name)
+        if calls.count("state.pt") == 2:
+            path.write_bytes(b"PK\x03\x04 half")  # what the writer got out before the disk filled
+            raise FULL_DISK[raised]
+        real(obj, path)
+
+    monkeypatch.setattr(tc, "_torch_save", save_on_a_full_disk)
+    cfg = build_config("captioner", config_dict("captioner", init, out, train={"max_steps": 3, "save_every": 1}))
+    with pytest.raises(OSError, match=r"no space left on device \(.*step_000002\)") as e:
+        train(cfg, loader_fn=synthetic_loader(8, prompt=cfg.data.prompt))
+    assert "unexpected pos" not in str(e.value)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000001"]  # no .staging-*
+    assert latest_checkpoint(out).name == "step_000001"
+    monkeypatch.setattr(tc, "_torch_save", real)
+    cfg = build_config("captioner", config_dict("captioner", init, out, train={"max_steps": 3, "resume": "auto"}))
+    assert train(cfg, loader_fn=synthetic_loader(8, prompt=cfg.data.prompt))["step"] == 3

@@ -54,8 +54,13 @@ def caption(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help='One {"image", "caption"} JSON object per line.')] = False,
     precision: PrecisionOpt = "fp32",
+    strict: Annotated[
+        bool,
+        typer.Option("--strict", help="Stop at the first unusable image or sample (exit 2) instead of skipping it."),
+    ] = False,
 ) -> None:
-    """Caption images with a BLIP captioner.
+    """Caption images with a BLIP captioner. Unusable images (in directories) and samples (in shards) are skipped
+    and counted by reason; --strict stops at the first one instead.
 
     Examples:
       blipctl caption photo.jpg --model Salesforce/blip-image-captioning-base
@@ -64,6 +69,7 @@ def caption(
     """
     from blip.api import caption_images
     from blip.checkpoint import DEFAULT_CAPTIONER
+    from blip.data.shards import SampleStats
 
     t0 = time.perf_counter()
 
@@ -91,9 +97,14 @@ def caption(
         seed=seed,
         on_result=show,
         precision=precision,
+        strict=strict,
+        stats=(stats := SampleStats()),
     )
     n = len({r["image"] for r in res})
     err.print(f"[dim]{n} images captioned in {time.perf_counter() - t0:.1f} s[/]")
+    if stats.total_bad:
+        reasons = ", ".join(f"{v} {k}" for k, v in sorted(stats.bad.items()))
+        err.print(f"[yellow]skipped[/] {stats.total_bad} unusable images ({reasons})", highlight=False)
 
 
 # ---- score -------------------------------------------------------------------------------------------------------
@@ -150,6 +161,14 @@ def export(
         ),
     ] = "auto",
     tokenizer: TokenizerOpt = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Write into a non-empty --out that is not an earlier export of this format: blipctl's files are "
+            "replaced, every other file is kept.",
+        ),
+    ] = False,
 ) -> None:
     """Convert a checkpoint: to a transformers BLIP directory, to an original-style .pth, or to blipctl format.
 
@@ -166,13 +185,13 @@ def export(
 
     loaded = _load(model, tokenizer, None, "cpu")
     if fmt == "hf":
-        path, arch = export_hf(loaded.net, loaded.tokenizer, out, task=task)
+        path, arch = export_hf(loaded.net, loaded.tokenizer, out, task=task, overwrite=overwrite)
         err.print(f"wrote {arch} to {path}")
     elif fmt == "pth":
         kind = save_pth(loaded.net, out, task=task)
         err.print(f"wrote original-format checkpoint {out} ({kind} layout)")
     elif fmt == "blipctl":
-        save_checkpoint(loaded.net, loaded.tokenizer, out)
+        save_checkpoint(loaded.net, loaded.tokenizer, out, overwrite=overwrite)
         err.print(f"wrote blipctl checkpoint {out}")
     else:
         raise InputError(f"--format must be hf, pth or blipctl, not {fmt!r}")

@@ -39,6 +39,7 @@ def build_train_config(
     optim: dict[str, Any] | None = None,
     loss: dict[str, Any] | None = None,
     train: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ):
     """Merge, lowest first: task defaults < config file < section tables < flags < KEY=VALUE overrides.
 
@@ -65,6 +66,8 @@ def build_train_config(
     for key, value in (("out", out), ("resume", resume), ("max_steps", max_steps), ("epochs", epochs)):
         if value is not None:
             flags["train"][key] = value
+    if overwrite:
+        flags["train"]["overwrite"] = True
     d = deep_merge(d, {k: v for k, v in flags.items() if v})
     d = deep_merge(d, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     return build_config(task, d)
@@ -205,6 +208,14 @@ OutOpt = Annotated[str | None, typer.Option("--out", help="Output dir (final mod
 InitOpt = Annotated[
     str | None, typer.Option("--init", help="Start from this model: blipctl dir, Hugging Face BLIP dir or .pth.")
 ]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Start in a non-empty --out that is not a training run: the run's files are written into it, nothing "
+        "else is deleted.",
+    ),
+]
 ResumeOpt = Annotated[
     str | None,
     typer.Option("--resume", help="auto (the latest checkpoint in --out, if any) or a checkpoint dir."),
@@ -325,6 +336,7 @@ CONFIG_FLAGS = {
     "data.train": "--data",
     "train.out": "--out",
     "train.resume": "--resume",
+    "train.overwrite": "--overwrite",
 }
 """Config keys the training commands also take as flags: library errors naming them are told with the flag."""
 
@@ -348,6 +360,7 @@ def register(app: typer.Typer) -> None:
         resume: ResumeOpt = None,
         tokenizer: TokenizerOpt = None,
         config: ConfigOpt = None,
+        overwrite: OverwriteOpt = False,
         overrides: OverridesArg = None,
     ) -> None:
         """Pre-train BLIP on image-text shards: ITC (momentum distillation) + ITM (hard negatives) + LM.
@@ -358,7 +371,7 @@ def register(app: typer.Typer) -> None:
         """
         _cli_run(
             "pretrain", data, overrides, out=out, model_size=model_size, init=init, resume=resume,
-            tokenizer=tokenizer, config=config,
+            tokenizer=tokenizer, config=config, overwrite=overwrite,
         )  # fmt: skip
 
     @app.command("finetune-captioner", epilog=_epilog("captioner"), context_settings=ctx)
@@ -370,6 +383,7 @@ def register(app: typer.Typer) -> None:
         resume: ResumeOpt = None,
         tokenizer: TokenizerOpt = None,
         config: ConfigOpt = None,
+        overwrite: OverwriteOpt = False,
         overrides: OverridesArg = None,
     ) -> None:
         """Fine-tune the CapFilt captioner: LM loss on prompt + caption ("a picture of " not trained on).
@@ -377,7 +391,17 @@ def register(app: typer.Typer) -> None:
         Saves a decoder-only model (for `blipctl caption` and `capfilt --captioner`). Defaults are the
         original's caption_coco.yaml: lr 1e-5 cosine, 5 epochs, batch 32, 384 px, text length 40.
         """
-        _cli_run("captioner", data, overrides, out=out, init=init, resume=resume, tokenizer=tokenizer, config=config)
+        _cli_run(
+            "captioner",
+            data,
+            overrides,
+            out=out,
+            init=init,
+            resume=resume,
+            tokenizer=tokenizer,
+            config=config,
+            overwrite=overwrite,
+        )
 
     @app.command("finetune-filter", epilog=_epilog("filter"), context_settings=ctx)
     @train_guarded
@@ -388,6 +412,7 @@ def register(app: typer.Typer) -> None:
         resume: ResumeOpt = None,
         tokenizer: TokenizerOpt = None,
         config: ConfigOpt = None,
+        overwrite: OverwriteOpt = False,
         overrides: OverridesArg = None,
     ) -> None:
         """Fine-tune the CapFilt filter: ITC (captions of one image are all positives) + ITM hard negatives.
@@ -396,4 +421,14 @@ def register(app: typer.Typer) -> None:
         the original's retrieval_coco.yaml: lr 1e-5 cosine, 6 epochs, batch 32, 384 px, text length 35, ViT
         gradient checkpointing on 4 blocks, negatives from all ranks.
         """
-        _cli_run("filter", data, overrides, out=out, init=init, resume=resume, tokenizer=tokenizer, config=config)
+        _cli_run(
+            "filter",
+            data,
+            overrides,
+            out=out,
+            init=init,
+            resume=resume,
+            tokenizer=tokenizer,
+            config=config,
+            overwrite=overwrite,
+        )
