@@ -18,6 +18,7 @@ import torch
 
 from blip.errors import InputError
 from blip.inputs import batches, iter_inputs
+from blip.precision import resolve as resolve_precision
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 """Long names `load(dtype=...)` also takes; the short ones are blip.precision's (fp32, bf16, auto)."""
@@ -257,6 +258,7 @@ def caption_images(
             f"num_captions {num_captions} needs num_beams >= {num_captions} (or set sample)",
             param=("num_captions", "num_beams", "sample"),
         )
+    resolve_precision(precision, "cpu", key="precision")  # a bad value names `precision`, not load's `dtype`
     m = model if isinstance(model, Model) else load(model, device, precision, tokenizer, image_size)
     results = []
     for name, caps in m.caption_named(
@@ -295,5 +297,6 @@ def score_texts(
     from blip.data.images import load_image_file
 
     im = load_image_file(image)  # one image file: a directory, a shard or a non-image is an InputError naming it
+    resolve_precision(precision, "cpu", key="precision")  # a bad value names `precision`, not load's `dtype`
     m = model if isinstance(model, Model) else load(model, device, precision, tokenizer, image_size)
     return m.score(im, texts, max_length=max_length)

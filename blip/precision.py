@@ -53,7 +53,7 @@ def resolve(
     this machine's flags (tests)."""
     allowed = (*PRECISIONS, "fp16")
     if precision not in allowed:
-        raise InputError(f"{key} must be one of {', '.join(allowed)}, not {precision!r}")
+        raise InputError(f"{key} must be one of {', '.join(allowed)}, not {precision!r}", param=key)
     dev = torch.device(device)
     if precision == "auto":
         if dev.type == "cuda":
@@ -62,7 +62,7 @@ def resolve(
             return torch.bfloat16 if cpu_has_native_bf16(cpu_flags) else torch.float32
         return torch.float32
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise InputError(f"{key}=bf16: this GPU does not support bfloat16 (use fp32)")
+        raise InputError(f"{key}=bf16: this GPU does not support bfloat16 (use fp32)", param=key)
     return _DTYPES[precision]
 
 
