@@ -220,7 +220,8 @@ def load(
 
     dev = resolve_device(device)
     if dtype is None or isinstance(dtype, str):
-        dtype = resolve(DTYPE_NAMES.get(dtype or "fp32", dtype), dev, key="dtype")
+        name = dtype or "fp32"
+        dtype = resolve(DTYPE_NAMES.get(name, name), dev, key="dtype")
     loaded = load_model(source, tokenizer=tokenizer, image_size=image_size, device=dev)
     return Model(loaded.model, loaded.tokenizer, loaded.source, loaded.kind, dtype=dtype)
 

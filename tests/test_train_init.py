@@ -181,5 +181,5 @@ def test_conv_stem_for_fresh_models_is_inherited_by_fine_tunes(tmp_path):
     w = "visual_encoder.patch_embed.proj.0.weight"
     assert torch.equal(derived.state_dict()[w], model.state_dict()[w])
     ft["model"]["stem"] = "none"
-    with pytest.raises(InputError, match="model.stem: 'none', but --init .*stem has stem 'conv'"):
+    with pytest.raises(InputError, match="model.stem: 'none', but (--init|model.init) .*stem has stem 'conv'"):
         Trainer(build_config("filter", ft), DistInfo(), None, synthetic_loader(8)).build_model(None)
