@@ -140,6 +140,7 @@ def bench_pretrain(a, device, peak) -> dict:
     torch.manual_seed(0)
     tr.model = BLIP(mc).to(device).train()
     tr.momentum = tr.build_momentum()
+    tr.tok = None  # the pre-training task needs no tokenizer (only the captioner reads its prompt length)
     task = tr.build_task()
     opt = tr.build_optimizer()
     g = torch.Generator().manual_seed(0)
