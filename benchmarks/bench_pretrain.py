@@ -73,6 +73,7 @@ def ours(size: str, a: argparse.Namespace):
 
     tr.model = BLIP(dataclasses.replace(mc, text=dataclasses.replace(mc.text, dropout=0.0))).train()
     tr.momentum = tr.build_momentum()
+    tr.tok = None  # the pre-training task needs no tokenizer (only the captioner reads its prompt length)
     # a full queue, as the original's (whose random initial slots always count): the same ITC work
     feats = torch.nn.functional.normalize(torch.randn(2, a.queue, mc.embed_dim), dim=-1)
     tr.momentum.enqueue(feats[0], feats[1], torch.full((a.queue,), -1))
