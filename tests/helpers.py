@@ -257,3 +257,41 @@ def _worker(init: str, out: str, batch: int, steps: int, negatives_all_ranks: st
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:3], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:7])
+
+
+# ---- CapFilt tests: a micro captioner and filter, and a random image -------------------------------------------
+def capfilt_micro(tok, **kw) -> BlipConfig:
+    """The micro BLIP the CapFilt tests use (32 px, one layer per tower)."""
+    return BlipConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=4, mlp_dim=64),
+        text=TextConfig(vocab_size=len(tok), hidden=32, layers=1, heads=4, mlp_dim=64, max_positions=64),
+        embed_dim=16,
+        bos_token_id=tok.bos_id,
+        enc_token_id=tok.enc_id,
+        pad_token_id=tok.pad_id,
+        cls_token_id=tok.cls_id,
+        sep_token_id=tok.sep_id,
+        **kw,
+    )
+
+
+def capfilt_models(d: Path) -> tuple[Path, Path]:
+    """A seeded micro captioner and a sharpened micro filter saved under `d`: (captioner dir, filter dir)."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cap = BLIP(capfilt_micro(tok, text_encoder=False))
+    filt = BLIP(capfilt_micro(tok, text_decoder=False))
+    sharpen(filt, 2.0)
+    save_checkpoint(cap, tok, d / "captioner")
+    save_checkpoint(filt, tok, d / "filter")
+    return d / "captioner", d / "filter"
+
+
+def png(seed: int) -> bytes:
+    """A random 40x40 PNG."""
+    import io
+
+    arr = (np.random.default_rng(seed).random((40, 40, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -12,55 +11,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from helpers import sharpen, tiny_tokenizer
+from helpers import capfilt_models, png
 from PIL import Image
 from typer.testing import CliRunner
 
-from blip.checkpoint import save_checkpoint
-from blip.config import BlipConfig, TextConfig, VisionConfig
 from blip.data.shards import SampleStats, iter_shard, write_shard
-from blip.model import BLIP
 from blipctl.cli import app
 
 runner = CliRunner()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-def micro(tok, **kw) -> BlipConfig:
-    return BlipConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=4, mlp_dim=64),
-        text=TextConfig(vocab_size=len(tok), hidden=32, layers=1, heads=4, mlp_dim=64, max_positions=64),
-        embed_dim=16,
-        bos_token_id=tok.bos_id,
-        enc_token_id=tok.enc_id,
-        pad_token_id=tok.pad_id,
-        cls_token_id=tok.cls_id,
-        sep_token_id=tok.sep_id,
-        **kw,
-    )
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    tok = tiny_tokenizer()
-    d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    cap = BLIP(micro(tok, text_encoder=False))
-    filt = BLIP(micro(tok, text_decoder=False))
-    sharpen(filt, 2.0)
-    save_checkpoint(cap, tok, d / "captioner")
-    save_checkpoint(filt, tok, d / "filter")
-    return d / "captioner", d / "filter"
-
-
-def png(seed: int) -> bytes:
-    arr = (np.random.default_rng(seed).random((40, 40, 3)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return capfilt_models(tmp_path_factory.mktemp("models"))
 
 
 # the demo world records each image's scene; CapFilt checks every caption against it

@@ -7,15 +7,11 @@ import io
 import json
 
 import pytest
-import torch
-from helpers import sharpen, tiny_tokenizer
+from helpers import capfilt_models, png
 from PIL import Image
-from test_capfilt import micro, png
 from typer.testing import CliRunner
 
-from blip.checkpoint import save_checkpoint
 from blip.data.shards import SampleStats, iter_shard, write_shard
-from blip.model import BLIP
 from blipctl.cli import app
 
 runner = CliRunner()
@@ -23,14 +19,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    tok = tiny_tokenizer()
-    d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    save_checkpoint(BLIP(micro(tok, text_encoder=False)), tok, d / "captioner")
-    filt = BLIP(micro(tok, text_decoder=False))
-    sharpen(filt, 2.0)
-    save_checkpoint(filt, tok, d / "filter")
-    return d / "captioner", d / "filter"
+    return capfilt_models(tmp_path_factory.mktemp("models"))
 
 
 def capfilt(models, inp, out, *extra):
