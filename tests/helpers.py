@@ -295,3 +295,107 @@ def png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# ---- evaluation tests: tiny models with encoder and decoder, pycocoevalcap fixtures -------------------------------
+EVAL_CAPTIONS = [
+    "a red circle on the left",
+    "a small blue square",
+    "there is a big green star at the top",
+    "a yellow triangle on the right",
+    "a picture of a red star",
+    "a blue circle at the bottom",
+    "two green squares",
+    "a small yellow circle on the left",
+]
+
+
+def eval_tokenizer() -> Tokenizer:
+    words = " ".join(EVAL_CAPTIONS).split()
+    return Tokenizer.train(EVAL_CAPTIONS * 3 + words, vocab_size=100)
+
+
+def hf_retrieval_model(tok: Tokenizer, seed: int = 0, image_size: int = 32):
+    """A tiny random transformers BlipForImageTextRetrieval (helpers.hf_config), every matrix drawn at std 0.1."""
+    from transformers import BlipForImageTextRetrieval
+
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(hf_config(tok, image_size)).eval()
+    with torch.no_grad():  # HF initialises the vision tower at std 1e-10: every image would look the same
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def native_config(tok: Tokenizer, image_size: int = 32) -> BlipConfig:
+    return BlipConfig(
+        vision=VisionConfig(image_size=image_size, patch_size=8, width=32, depth=2, heads=4, mlp_dim=64),
+        text=TextConfig(vocab_size=len(tok), hidden=32, layers=2, heads=4, mlp_dim=64, max_positions=64),
+        embed_dim=16,
+        bos_token_id=tok.bos_id,
+        enc_token_id=tok.enc_id,
+        pad_token_id=tok.pad_id,
+        cls_token_id=tok.cls_id,
+        sep_token_id=tok.sep_id,
+    )
+
+
+def native_model(tok: Tokenizer, seed: int = 0) -> BLIP:
+    """A tiny blipctl BLIP with encoder and decoder (retrieval and captioning)."""
+    torch.manual_seed(seed)
+    model = BLIP(native_config(tok)).eval()
+    sharpen(model)
+    return model
+
+
+def pixels(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+CAPTION_GT = {
+    "images": [{"id": i} for i in (1, 2, 3, 4)],
+    "annotations": [
+        {"image_id": 1, "id": 1, "caption": "A red circle on the left."},
+        {"image_id": 1, "id": 2, "caption": "a red round shape, left side"},
+        {"image_id": 2, "id": 3, "caption": "Two small blue squares."},
+        {"image_id": 2, "id": 4, "caption": "blue squares at the top"},
+        {"image_id": 2, "id": 5, "caption": "there are two squares"},
+        {"image_id": 3, "id": 6, "caption": "a green star"},
+        {"image_id": 3, "id": 7, "caption": "A big green star in the middle!"},
+        {"image_id": 4, "id": 8, "caption": "a yellow triangle"},
+        {"image_id": 4, "id": 9, "caption": "yellow triangle on the right"},
+    ],
+}
+CAPTION_RESULTS = [
+    {"image_id": 1, "caption": "a red circle on the left"},
+    {"image_id": 2, "caption": "two blue squares"},
+    {"image_id": 3, "caption": "a green triangle in the middle"},
+    {"image_id": 3, "caption": "a duplicate that must be ignored"},
+    {"image_id": 4, "caption": "a yellow triangle on the right"},
+]
+
+
+def direct_scores(results, gt, meteor: bool):
+    """pycocoevalcap's own pipeline minus SPICE, written out as COCOEvalCap.evaluate() does it."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    firsts = {}
+    for r in results:
+        firsts.setdefault(r["image_id"], r)
+    gts = {i: [a for a in gt["annotations"] if a["image_id"] == i] for i in firsts}
+    res = {i: [r] for i, r in firsts.items()}
+    gts, res = PTBTokenizer().tokenize(gts), PTBTokenizer().tokenize(res)
+    out = dict(
+        zip(["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"], Bleu(4).compute_score(gts, res, verbose=0)[0], strict=True)
+    )
+    if meteor:
+        out["METEOR"] = Meteor().compute_score(gts, res)[0]
+    out["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    out["CIDEr"] = Cider().compute_score(gts, res)[0]
+    return out

@@ -4,64 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_eval_common import native_model, pixels, tiny_tok
+from helpers import CAPTION_GT, CAPTION_RESULTS, direct_scores, eval_tokenizer, native_model, pixels
 
 from blip.errors import InputError
 from blip.eval import caption as caption_mod
 from blip.eval.caption import dedup_by_image, generate_captions, score_captions
 from blip.generation import GenerationConfig, generate
 
-GT = {
-    "images": [{"id": i} for i in (1, 2, 3, 4)],
-    "annotations": [
-        {"image_id": 1, "id": 1, "caption": "A red circle on the left."},
-        {"image_id": 1, "id": 2, "caption": "a red round shape, left side"},
-        {"image_id": 2, "id": 3, "caption": "Two small blue squares."},
-        {"image_id": 2, "id": 4, "caption": "blue squares at the top"},
-        {"image_id": 2, "id": 5, "caption": "there are two squares"},
-        {"image_id": 3, "id": 6, "caption": "a green star"},
-        {"image_id": 3, "id": 7, "caption": "A big green star in the middle!"},
-        {"image_id": 4, "id": 8, "caption": "a yellow triangle"},
-        {"image_id": 4, "id": 9, "caption": "yellow triangle on the right"},
-    ],
-}
-RESULTS = [
-    {"image_id": 1, "caption": "a red circle on the left"},
-    {"image_id": 2, "caption": "two blue squares"},
-    {"image_id": 3, "caption": "a green triangle in the middle"},
-    {"image_id": 3, "caption": "a duplicate that must be ignored"},
-    {"image_id": 4, "caption": "a yellow triangle on the right"},
-]
-
-
-def direct_scores(results, gt, meteor: bool):
-    """pycocoevalcap's own pipeline minus SPICE, written out as COCOEvalCap.evaluate() does it."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    firsts = {}
-    for r in results:
-        firsts.setdefault(r["image_id"], r)
-    gts = {i: [a for a in gt["annotations"] if a["image_id"] == i] for i in firsts}
-    res = {i: [r] for i, r in firsts.items()}
-    gts, res = PTBTokenizer().tokenize(gts), PTBTokenizer().tokenize(res)
-    out = dict(
-        zip(["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"], Bleu(4).compute_score(gts, res, verbose=0)[0], strict=True)
-    )
-    if meteor:
-        out["METEOR"] = Meteor().compute_score(gts, res)[0]
-    out["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
-    out["CIDEr"] = Cider().compute_score(gts, res)[0]
-    return out
-
 
 def test_scores_equal_pycocoevalcap_without_meteor():
     notes = []
-    got = score_captions(RESULTS, GT, meteor=False, warn=notes.append)
-    want = direct_scores(RESULTS, GT, meteor=False)
+    got = score_captions(CAPTION_RESULTS, CAPTION_GT, meteor=False, warn=notes.append)
+    want = direct_scores(CAPTION_RESULTS, CAPTION_GT, meteor=False)
     assert got == pytest.approx(want, abs=1e-12) and set(got) == set(want)
     assert 0 < got["Bleu_1"] < 1 and got["CIDEr"] > 0
     assert any("SPICE skipped" in n for n in notes)  # no CoreNLP here: skipped with a note, not a crash
@@ -69,8 +23,8 @@ def test_scores_equal_pycocoevalcap_without_meteor():
 
 @pytest.mark.slow
 def test_scores_equal_pycocoevalcap_with_meteor():
-    got = score_captions(RESULTS, GT, warn=lambda m: None)
-    want = direct_scores(RESULTS, GT, meteor=True)
+    got = score_captions(CAPTION_RESULTS, CAPTION_GT, warn=lambda m: None)
+    want = direct_scores(CAPTION_RESULTS, CAPTION_GT, meteor=True)
     assert got == pytest.approx(want, abs=1e-12) and set(got) == set(want)
     assert 0 < got["METEOR"] < 1
 
@@ -101,22 +55,22 @@ def test_fallback_tokenizer_agrees_with_ptb_on_caption_like_text():
 
 def test_bad_inputs_name_the_problem():
     with pytest.raises(InputError, match="not in the ground truth"):
-        score_captions([{"image_id": 99, "caption": "x"}], GT, meteor=False)
+        score_captions([{"image_id": 99, "caption": "x"}], CAPTION_GT, meteor=False)
     with pytest.raises(InputError, match="annotations"):
-        score_captions(RESULTS, {"images": []}, meteor=False)
+        score_captions(CAPTION_RESULTS, {"images": []}, meteor=False)
     with pytest.raises(InputError, match="empty"):
-        score_captions([], GT, meteor=False)
+        score_captions([], CAPTION_GT, meteor=False)
     with pytest.raises(InputError, match="SPICE cannot run"):
-        score_captions(RESULTS, GT, meteor=False, spice=True)
+        score_captions(CAPTION_RESULTS, CAPTION_GT, meteor=False, spice=True)
 
 
 def test_dedup_keeps_the_first_caption_per_image():
-    assert dedup_by_image(RESULTS)[2] == {"image_id": 3, "caption": "a green triangle in the middle"}
-    assert len(dedup_by_image(RESULTS)) == 4
+    assert dedup_by_image(CAPTION_RESULTS)[2] == {"image_id": 3, "caption": "a green triangle in the middle"}
+    assert len(dedup_by_image(CAPTION_RESULTS)) == 4
 
 
 def test_generate_captions_matches_generate_and_strips_the_prompt():
-    tok = tiny_tok()
+    tok = eval_tokenizer()
     model = native_model(tok, seed=7)
     px = pixels(5, seed=1)
     ids = [10, 11, 12, 11, 13]  # image 11 twice (as a padded distributed sampler would produce): kept once

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CAPTION_GT, CAPTION_RESULTS, direct_scores, eval_tokenizer, native_model
 from PIL import Image
-from test_eval_caption import GT, RESULTS, direct_scores
-from test_eval_common import native_model, tiny_tok
 from typer.testing import CliRunner
 
 from blip.checkpoint import load_model, save_checkpoint
@@ -45,7 +44,7 @@ def json_line(stdout: str) -> dict:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    tok = tiny_tok()
+    tok = eval_tokenizer()
     d = tmp_path_factory.mktemp("model") / "tiny"
     save_checkpoint(native_model(tok, seed=11), tok, d)
     return d
@@ -118,7 +117,7 @@ def _gt_file(ann: Path, tmp_path: Path) -> Path:
     return p
 
 
-def _write(tmp_path: Path, results=RESULTS, gt=GT) -> tuple[Path, Path]:
+def _write(tmp_path: Path, results=CAPTION_RESULTS, gt=CAPTION_GT) -> tuple[Path, Path]:
     res, gtp = tmp_path / "results.json", tmp_path / "gt.json"
     res.write_text(json.dumps(results))
     gtp.write_text(json.dumps(gt))
@@ -130,7 +129,7 @@ def test_results_mode_equals_pycocoevalcap(tmp_path):
     r = cli("eval-caption", "--results", res, "--annotations", gt, "--no-meteor", "--json")
     assert r.exit_code == 0, r.output
     got = json_line(r.stdout)
-    want = direct_scores(RESULTS, GT, meteor=False)
+    want = direct_scores(CAPTION_RESULTS, CAPTION_GT, meteor=False)
     assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-12)
     assert got["model"] is None and got["stats"]["num_images"] == 4
 
@@ -141,7 +140,7 @@ def test_results_mode_with_meteor_equals_pycocoevalcap(tmp_path):
     r = cli("eval-caption", "--results", res, "--annotations", gt, "--json")
     assert r.exit_code == 0, r.output
     got = json_line(r.stdout)
-    want = direct_scores(RESULTS, GT, meteor=True)
+    want = direct_scores(CAPTION_RESULTS, CAPTION_GT, meteor=True)
     assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-12)
 
 

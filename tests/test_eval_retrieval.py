@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_eval_common import CAPTIONS, hf_retrieval_model, native_model, pixels, tiny_tok
+from helpers import EVAL_CAPTIONS, eval_tokenizer, hf_retrieval_model, native_model, pixels
 
 from blip.checkpoint import load_model
 from blip.eval.retrieval import METRIC_KEYS, recall_metrics, retrieval_scores
@@ -95,7 +95,7 @@ def test_recall_metrics_equal_itm_eval_with_ties(seed):
 # ---- scores ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tok():
-    return tiny_tok()
+    return eval_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def hf_brute_force(ref, tok, px, texts):
 
 def test_full_k_equals_transformers_brute_force(hf_pair, tok):
     ref, model = hf_pair
-    n_img, texts = 4, CAPTIONS  # 8 texts, 2 per image
+    n_img, texts = 4, EVAL_CAPTIONS  # 8 texts, 2 per image
     px = pixels(n_img)
     want = hf_brute_force(ref, tok, px, texts)
     s_i2t, s_t2i = retrieval_scores(model, tok, px, texts, k=len(texts), image_batch_size=3, text_batch_size=5)
@@ -162,7 +162,7 @@ def original_evaluation(model, tok, px, texts, k):
 def test_top_k_rerank_equals_the_original_algorithm(tok, k, pairs_per_batch):
     model = native_model(tok, seed=2)
     n_img = 5
-    texts = CAPTIONS + ["a big red square", "the star on the right"]  # 10 distinct texts: no exact ITC ties
+    texts = EVAL_CAPTIONS + ["a big red square", "the star on the right"]  # 10 distinct texts: no exact ITC ties
     px = pixels(n_img, seed=3)
     want_i2t, want_t2i = original_evaluation(model, tok, px, texts, k)
     got_i2t, got_t2i = retrieval_scores(model, tok, px, texts, k=k, pairs_per_batch=pairs_per_batch)
@@ -177,7 +177,7 @@ def test_itc_uses_cls_and_itm_uses_enc(tok):
     """Swapping the first token must not matter: the model forces [CLS] for ITC and [ENC] for ITM."""
     model = native_model(tok, seed=4)
     px = pixels(2)
-    texts = CAPTIONS[:4]
+    texts = EVAL_CAPTIONS[:4]
     a = retrieval_scores(model, tok, px, texts, k=4)
 
     class EncFirst:
@@ -201,7 +201,7 @@ def test_progress_reports_every_stage(tok):
     def progress(stage, n, total):
         seen.setdefault(stage, [0, total])[0] += n
 
-    retrieval_scores(model, tok, pixels(3), CAPTIONS[:5], k=2, image_batch_size=2, progress=progress)
+    retrieval_scores(model, tok, pixels(3), EVAL_CAPTIONS[:5], k=2, image_batch_size=2, progress=progress)
     assert seen["images"] == [3, 3] and seen["texts"] == [5, 5]
     done, total = seen["pairs"]
     assert done == total and 3 * 2 <= total <= 3 * 2 + 5 * 2

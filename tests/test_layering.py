@@ -67,3 +67,21 @@ def test_cli_layer_imports_only_blip_typer_rich_and_the_standard_library():
                 names = [node.module]
             bad += [f"{f.name}: {n}" for n in names if n.split(".")[0] not in allowed]
     assert not bad, bad
+
+
+def test_no_test_file_imports_another():
+    """Shared test code lives in tests/helpers.py: a test module imported by another runs its tests twice and ties
+    unrelated files together."""
+    import ast
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    tests = {p.stem for p in here.glob("test_*.py")}
+    bad = []
+    for path in sorted(here.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            bad += [f"{path.name} imports {n}" for n in names if n.split(".")[-1] in tests]
+    assert len(tests) > 20 and not bad, bad
