@@ -6,6 +6,7 @@ Sizes: `tiny` (tests and the laptop demo), `base` (ViT-B/16 + BERT-base, the pap
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -186,3 +187,15 @@ def model_config(
             enc_token_id=tokenizer.enc_id,
         )
     return dataclasses.replace(cfg, **overrides)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with `over` merged in, table by table; `over` wins on values (config file < flags < overrides,
+    task defaults < user config, recipe defaults < step keys)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out

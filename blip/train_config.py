@@ -10,13 +10,12 @@ TOML and KEY=VALUE parsing live in the CLI (`blipctl/overrides.py`); this module
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from blip.config import from_dict
+from blip.config import deep_merge, from_dict
 from blip.errors import InputError
 
 Task = Literal["pretrain", "captioner", "filter"]
@@ -200,7 +199,7 @@ def task_defaults(task: str) -> dict[str, Any]:
     if task not in TASKS:
         raise InputError(f"task: unknown task {task!r}; choose one of {', '.join(TASKS)}")
     base = TrainConfig(task=task).to_dict()
-    return _merge(base, _TASK_DEFAULTS[task])
+    return deep_merge(base, _TASK_DEFAULTS[task])
 
 
 def build_config(task: str, d: dict[str, Any] | None = None) -> TrainConfig:
@@ -209,7 +208,7 @@ def build_config(task: str, d: dict[str, Any] | None = None) -> TrainConfig:
     if "task" in d and d["task"] != task:
         raise InputError(f"task: this command runs {task!r}, but the config says {d['task']!r}")
     d.pop("task", None)
-    merged = _merge(task_defaults(task), d)
+    merged = deep_merge(task_defaults(task), d)
     cfg = from_dict(TrainConfig, merged)
     validate(cfg)
     return cfg
@@ -280,13 +279,3 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError("loss.itc / loss.itm: the captioner trains the LM loss only (it has no text encoder)")
     if cfg.task == "filter" and cfg.loss.lm:
         raise InputError("loss.lm: the filter trains ITC + ITM only (it has no text decoder)")
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out

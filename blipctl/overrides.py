@@ -10,12 +10,12 @@ a bare `none` (or `null`) is None.
 
 from __future__ import annotations
 
-import copy
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from blip.config import deep_merge
 from blip.errors import InputError
 
 
@@ -66,17 +66,6 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise InputError(f"--config {p}: invalid TOML ({e})") from None
     except UnicodeDecodeError:
         raise InputError(f"--config {p}: not UTF-8 text") from None
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `base` with `over` merged in, table by table; `over` wins on values."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def resolve(

@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from blip.atomic import write_json
-from blip.config import check_type
+from blip.config import check_type, deep_merge
 from blip.errors import InputError
 from blipctl._common import is_rank0
-from blipctl.overrides import deep_merge, parse_value
+from blipctl.overrides import parse_value
 from blipctl.registry import STEPS, TRAINING
 
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_.-]+)\}")

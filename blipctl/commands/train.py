@@ -12,8 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
+from blip.config import deep_merge
 from blipctl._common import err, guarded, is_rank0, progress
-from blipctl.overrides import deep_merge, load_toml, parse_overrides
+from blipctl.overrides import load_toml, parse_overrides
 
 LogFn = Callable[[dict[str, Any]], None]
 COMMANDS = {"pretrain": "pretrain", "captioner": "finetune-captioner", "filter": "finetune-filter"}
