@@ -47,20 +47,23 @@ def ground_truth_checks(decided: list[tuple[dict, list[dict]]]) -> tuple[dict, d
 
     `decided`: (sample json, its captions with "text", "source", "kept"; the web caption first) per web sample.
     noise: tp/fp/fn/tn of "dropped = noisy" for web captions with a json.noise label; scene: per source and group
-    (all, kept), captions checked against json.scene and how many name it right.
+    (all, kept), captions checked against json.scene and how many name it right, as whole captions (every phrase
+    right) and phrase by phrase ("[size] colour shape [position]", blip.data.demo.phrases_vs_scene).
     """
-    from blip.data.demo import caption_matches_scene
+    from blip.data.demo import phrases_vs_scene
 
     noise, scene = Counter(), Counter()
     for meta, caps in decided:
         if "scene" in meta:
             for c in caps:
-                right = caption_matches_scene(c["text"], meta["scene"])
-                if right is None:
+                verdicts = phrases_vs_scene(c["text"], meta["scene"])
+                if not verdicts:  # junk, or a caption off the grammar
                     continue
                 for group in ("all", "kept") if c["kept"] else ("all",):
                     scene[f"{c['source']}/{group}/checked"] += 1
-                    scene[f"{c['source']}/{group}/right"] += right
+                    scene[f"{c['source']}/{group}/right"] += all(verdicts)
+                    scene[f"{c['source']}/{group}/phrases"] += len(verdicts)
+                    scene[f"{c['source']}/{group}/phrases_right"] += sum(verdicts)
         if "noise" in meta and caps and caps[0]["source"] == "web":  # labels are about the web caption
             noisy, dropped = bool(meta["noise"]), not caps[0]["kept"]
             noise[OUTCOME[(noisy, dropped)]] += 1
@@ -88,6 +91,11 @@ def add_checks(summary: dict, noise: Counter, scene: Counter) -> None:
                     "checked": n,
                     "right": scene[f"{source}/{group}/right"],
                     "share": round(scene[f"{source}/{group}/right"] / n, 4),
+                    "phrases": scene[f"{source}/{group}/phrases"],
+                    "phrases_right": scene[f"{source}/{group}/phrases_right"],
+                    "phrases_right_share": round(
+                        scene[f"{source}/{group}/phrases_right"] / max(scene[f"{source}/{group}/phrases"], 1), 4
+                    ),
                 }
                 for group in ("all", "kept")
                 if (n := scene[f"{source}/{group}/checked"])

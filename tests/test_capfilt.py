@@ -16,6 +16,7 @@ from helpers import capfilt_models, png
 from PIL import Image
 from typer.testing import CliRunner
 
+from blip.data.demo import phrases_vs_scene
 from blip.data.shards import SampleStats, iter_shard, write_shard
 from blipctl.cli import app
 
@@ -32,7 +33,7 @@ def models(tmp_path_factory):
 SCENE = {"objects": [{"color": "red", "shape": "circle", "position": "left", "size": "small"}], "background": "white"}
 MATCHES_SCENE = {
     "a red circle on the left": True,
-    "a small blue square": False,
+    "a red circle on the left and a small blue square": False,  # two phrases, one right
     "there is a big star": None,
     "green triangle at the top": False,
 }
@@ -42,7 +43,7 @@ MATCHES_SCENE = {
 def web(tmp_path_factory):
     """5 web shards of 6 samples (one human sample, one bad image, noise labels on the web ones)."""
     d = tmp_path_factory.mktemp("web")
-    words = "a red circle on the left;a small blue square;there is a big star;green triangle at the top".split(";")
+    words = list(MATCHES_SCENE)
     for s in range(5):
         samples = []
         for i in range(6):
@@ -138,7 +139,17 @@ def test_counts_add_up_and_output_is_trainable(reference, web, threshold):
     kept = Counter(MATCHES_SCENE[t] for caps in out.values() for t, source in caps if source == "web")
     v = s["captions_vs_scene"]["web"]
     share = round(given[True] / (given[True] + given[False]), 4)
-    assert v["all"] == {"checked": given[True] + given[False], "right": given[True], "share": share}
+    phrases = [phrases_vs_scene(x["text"], x["json"]["scene"]) for x in src.values() if "scene" in x["json"]]
+    n_phrases, n_right = sum(map(len, phrases)), sum(map(sum, phrases))
+    assert v["all"] == {
+        "checked": given[True] + given[False],
+        "right": given[True],
+        "share": share,
+        "phrases": n_phrases,
+        "phrases_right": n_right,
+        "phrases_right_share": round(n_right / n_phrases, 4),
+    }
+    assert 0 < n_right < n_phrases and n_phrases > given[True] + given[False]  # two phrases in one caption
     assert v["kept"]["checked"] == kept[True] + kept[False] and v["kept"]["right"] == kept[True]
     assert 0 < given[True] < given[True] + given[False]
     assert sum(len(v) for v in out.values()) == sum(c["kept"] for c in s["counts"].values())
