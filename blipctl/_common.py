@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from blip.errors import InputError
@@ -77,7 +78,7 @@ def guarded(fn: Callable[..., Any], flags: dict[str, str] | None = None) -> Call
         except InputError as e:
             if os.environ.get("BLIPCTL_DEBUG"):
                 raise
-            err.print(f"[bold red]error:[/] {cli_message(e, table)}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(cli_message(e, table))}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -85,7 +86,7 @@ def guarded(fn: Callable[..., Any], flags: dict[str, str] | None = None) -> Call
         except Exception as e:  # noqa: BLE001 - the CLI boundary
             if os.environ.get("BLIPCTL_DEBUG"):
                 raise
-            err.print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(f'{type(e).__name__}: {e}')}", highlight=False)
             err.print("[dim](set BLIPCTL_DEBUG=1 for the traceback)[/]")
             raise typer.Exit(1) from None
 

@@ -345,3 +345,13 @@ def test_a_rerun_removes_only_what_the_step_wrote(tmp_path):
     assert run_recipe(load_recipe(p, ["data.noise=0.5"]))["data"] != "skipped"
     assert (data_dir / "before.txt").read_text() == "mine" and (data_dir / "after.txt").read_text() == "mine too"
     assert (data_dir / "world.json").is_file() and json.loads((data_dir / MARKER).read_text())["signature"]
+
+
+def test_brackets_in_messages_and_help_survive_rich_markup(tmp_path):
+    """TOML speaks in brackets ([recipe], [[step]]); rich would take them for markup and print 'expected ,  and []'."""
+    p = _write(tmp_path, '[[stepx]]\nname = "a"\n')
+    r = runner.invoke(app, ["run", str(p)])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "expected [recipe], [defaults] and [[step]]" in flat, flat
+    r = runner.invoke(app, ["run", "--help"])
+    assert "every [[step]] is a blipctl command" in " ".join(r.output.split()), r.output

@@ -21,7 +21,7 @@ def run(
     only: Annotated[str | None, typer.Option("--only", help="Run just this step.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; run nothing.")] = False,
 ) -> None:
-    """Run a recipe: every [[step]] is a blipctl command run in this process, in order.
+    r"""Run a recipe: every [\[step]] is a blipctl command run in this process, in order.
 
     Finished steps are skipped, so rerunning a finished recipe does nothing; a changed step reruns with
     everything after it that depends on it. A failed step stops the run and leaves earlier outputs intact.
