@@ -4,6 +4,7 @@
     name = "demo"
     out = "runs/demo"                 # default parent of every step's `out`
     data = "/data/blip"               # optional: a data root, "${recipe.data}" in steps
+    include = "demo.toml"             # optional: that recipe's steps first (path relative to this file)
 
     [defaults.training]               # merged under the keys of every training step (the step's keys win)
     batch_size = 48                   # `[defaults.<command>]` likewise for one command
@@ -45,8 +46,9 @@ from blipctl.registry import STEPS, TRAINING
 
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_.-]+)\}")
 MARKER = ".blipctl-step.json"
-RECIPE_KEYS = ("name", "out", "description", "data")
-"""[recipe] keys; `data` is a data root that steps refer to as "${recipe.data}"."""
+RECIPE_KEYS = ("name", "out", "description", "data", "include")
+"""[recipe] keys; `data` is a data root that steps refer to as "${recipe.data}"; `include` another recipe whose
+steps run first (its [recipe] and [defaults] keys are the base of this file's)."""
 
 
 @dataclass
@@ -86,26 +88,7 @@ def _deep_checks() -> dict[str, Callable[[dict[str, Any]], Any]]:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Parse, apply `step.key=value` overrides, resolve references, and validate every step's options."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"recipe not found: {p}")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise InputError(f"{p}: invalid TOML: {e}") from None
-    unknown = set(doc) - {"recipe", "defaults", "step"}
-    if unknown:
-        raise InputError(f"{p}: unknown top-level key(s) {sorted(unknown)}; expected [recipe], [defaults] and [[step]]")
-    defaults = doc.get("defaults", {})
-    for group, table in defaults.items():
-        if group != "training" and group not in STEPS:
-            raise InputError(f"{p}: unknown key defaults.{group} (known: training, {', '.join(STEPS)})")
-        if not isinstance(table, dict):
-            raise InputError(f"{p}: defaults.{group} must be a table of step keys")
-    meta = doc.get("recipe", {})
-    for k in meta:
-        if k not in RECIPE_KEYS:
-            raise InputError(f"{p}: unknown key recipe.{k} (known: {', '.join(RECIPE_KEYS)})")
-    raw_steps = doc.get("step", [])
+    meta, defaults, raw_steps = _read(p)
     if not raw_steps:
         raise InputError(f"{p}: no [[step]] tables")
     steps: list[Step] = []
@@ -141,6 +124,40 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
                 raise InputError(f"{p}: step {st.name} ({st.command}): {e}") from None
         resolved[st.name] = {**st.params, "out": st.out}
     return Recipe(p, meta, steps)
+
+
+def _read(p: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """One recipe file as ([recipe], [defaults], [[step]] list), its `include` (a recipe path, relative to this
+    file) expanded: the included recipe's steps come first, and this file's [recipe] and [defaults] keys win."""
+    if not p.is_file():
+        raise InputError(f"recipe not found: {p}" + (f" (included by {chain[-1]})" if chain else ""))
+    if p.resolve() in chain:
+        raise InputError(f"{p}: includes itself (through {', '.join(str(c) for c in chain)})")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{p}: invalid TOML: {e}") from None
+    unknown = set(doc) - {"recipe", "defaults", "step"}
+    if unknown:
+        raise InputError(f"{p}: unknown top-level key(s) {sorted(unknown)}; expected [recipe], [defaults] and [[step]]")
+    defaults = doc.get("defaults", {})
+    for group, table in defaults.items():
+        if group != "training" and group not in STEPS:
+            raise InputError(f"{p}: unknown key defaults.{group} (known: training, {', '.join(STEPS)})")
+        if not isinstance(table, dict):
+            raise InputError(f"{p}: defaults.{group} must be a table of step keys")
+    meta = doc.get("recipe", {})
+    for k in meta:
+        if k not in RECIPE_KEYS:
+            raise InputError(f"{p}: unknown key recipe.{k} (known: {', '.join(RECIPE_KEYS)})")
+    steps = list(doc.get("step", []))
+    include = meta.pop("include", None)
+    if include is None:
+        return meta, defaults, steps
+    if not isinstance(include, str):
+        raise InputError(f"{p}: recipe.include must be a recipe path (a string)")
+    inc_meta, inc_defaults, inc_steps = _read(p.parent / include, (*chain, p.resolve()))
+    return deep_merge(inc_meta, meta), deep_merge(inc_defaults, defaults), inc_steps + steps
 
 
 def out_key(fn: Callable) -> str:

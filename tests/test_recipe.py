@@ -233,12 +233,18 @@ CI_DEMO = [
     "filter.max_steps=4",
     "captioner_b.max_steps=4",
 ]
+CI_ABLATION = [
+    "pretrain_filt.max_steps=8",
+    "pretrain_cap.max_steps=8",
+    "captioner_filt.max_steps=4",
+    "captioner_cap.max_steps=4",
+]
 
 
 @pytest.mark.slow
-def test_demo_recipe_end_to_end_at_reduced_scale(tmp_path):
+def test_demo_and_ablation_recipes_end_to_end_at_reduced_scale(tmp_path):
     """The real `blipctl run recipes/demo.toml` (CI scale): every step runs, the table is written, a rerun of the
-    finished recipe does nothing."""
+    finished recipe does nothing; then `recipes/ablation.toml` on the same directory adds its two columns."""
     import os
     import subprocess
     import sys
@@ -263,6 +269,22 @@ def test_demo_recipe_end_to_end_at_reduced_scale(tmp_path):
     steps = len(load_recipe(ROOT / "recipes" / "demo.toml").steps)
     assert r.returncode == 0 and r.stderr.count("done, skipped") == steps, r.stderr
     assert time.perf_counter() - t0 < 30
+    # the ablation includes the demo: its steps are done and skipped, only the Filt and Cap columns run
+    args[2] = str(ROOT / "recipes" / "ablation.toml")
+    r = subprocess.run([*args, *CI_ABLATION], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0 and r.stderr.count("done, skipped") == steps, r.stderr[-3000:]
+    table = json.loads((tmp_path / "ablation.json").read_text())
+    for label in ("raw web", "Filt", "Cap", "CapFilt"):
+        for key in ("TR@1", "IR@1", "R@mean", "BLEU-4", "CIDEr"):
+            assert isinstance(table["metrics"][key][label], float), (key, label, table)
+    demo = json.loads((tmp_path / "compare.json").read_text())["metrics"]
+    for key in ("TR@1", "CIDEr"):  # the demo's A and B are the ablation's raw web and CapFilt columns
+        assert (table["metrics"][key]["raw web"], table["metrics"][key]["CapFilt"]) == (demo[key]["A"], demo[key]["B"])
+    cap = json.loads((tmp_path / "capfilt_cap" / "capfilt.json").read_text())["counts"]
+    filt = json.loads((tmp_path / "capfilt_filt" / "capfilt.json").read_text())["counts"]
+    assert cap["synthetic"]["in"] == cap["synthetic"]["kept"] == 1200 and cap["web"]["dropped"] == 0  # unfiltered
+    assert "synthetic" not in filt or filt["synthetic"]["in"] == 0
+    assert filt["web"]["kept"] == summary["counts"]["web"]["kept"]  # the demo's filter, the demo's threshold
 
 
 PT = (
@@ -355,3 +377,42 @@ def test_brackets_in_messages_and_help_survive_rich_markup(tmp_path):
     assert r.exit_code == 2 and "expected [recipe], [defaults] and [[step]]" in flat, flat
     r = runner.invoke(app, ["run", "--help"])
     assert "every [[step]] is a blipctl command" in " ".join(r.output.split()), r.output
+
+
+def test_include_puts_the_included_steps_first_and_this_files_keys_win(tmp_path):
+    (tmp_path / "base.toml").write_text(
+        '[recipe]\nname = "base"\nout = "OUT"\n[defaults.training]\nbatch_size = 4\n' + DATA
+    )
+    own = '[recipe]\nname = "more"\ninclude = "base.toml"\n[defaults.training]\nbatch_size = 6\n[[step]]\n'
+    own += 'name = "pt"\ncommand = "pretrain"\ndata = { train = ["${data.out}/web"] }\n'
+    (tmp_path / "sub").mkdir()
+    p = tmp_path / "sub" / "more.toml"
+    p.write_text(own.replace('"base.toml"', '"../base.toml"'))
+    r = load_recipe(p)
+    assert [s.name for s in r.steps] == ["data", "pt"] and r.meta == {"name": "more", "out": "OUT"}
+    assert r.steps[1].params["batch_size"] == 6 and r.steps[1].params["data"]["train"] == ["OUT/data/web"]
+    (tmp_path / "loop.toml").write_text('[recipe]\ninclude = "loop.toml"\n' + DATA)
+    with pytest.raises(InputError, match="includes itself"):
+        load_recipe(tmp_path / "loop.toml")
+    (tmp_path / "gone.toml").write_text('[recipe]\ninclude = "nope.toml"\n' + DATA)
+    with pytest.raises(InputError, match="nope.toml.*included by"):
+        load_recipe(tmp_path / "gone.toml")
+    (tmp_path / "dup.toml").write_text('[recipe]\ninclude = "base.toml"\n' + DATA)
+    with pytest.raises(InputError, match="duplicate step name 'data'"):
+        load_recipe(tmp_path / "dup.toml")
+
+
+def test_ablation_reuses_the_demo_steps_unchanged():
+    """The ablation's raw web and CapFilt columns are the demo's A and B: the same steps with the same signatures,
+    so after `make demo` they are skipped."""
+    from blipctl.recipe import signature
+
+    def sigs(path):
+        out, r = {}, load_recipe(path)
+        for st in r.steps:
+            out[st.name] = signature(st, out)
+        return out
+
+    demo, ablation = sigs(ROOT / "recipes" / "demo.toml"), sigs(ROOT / "recipes" / "ablation.toml")
+    assert {k: ablation[k] for k in demo} == demo
+    assert len(ablation) == len(demo) + 11
