@@ -234,17 +234,18 @@ CI_DEMO = [
     "captioner_b.max_steps=4",
 ]
 CI_ABLATION = [
-    "pretrain_filt.max_steps=8",
     "pretrain_cap.max_steps=8",
-    "captioner_filt.max_steps=4",
+    "pretrain_capfilt.max_steps=8",
     "captioner_cap.max_steps=4",
+    "captioner_capfilt.max_steps=4",
 ]
 
 
 @pytest.mark.slow
 def test_demo_and_ablation_recipes_end_to_end_at_reduced_scale(tmp_path):
     """The real `blipctl run recipes/demo.toml` (CI scale): every step runs, the table is written, a rerun of the
-    finished recipe does nothing; then `recipes/ablation.toml` on the same directory adds its two columns."""
+    finished recipe does nothing;
+    then `recipes/ablation.toml` on the same directory adds the Cap and CapFilt columns."""
     import os
     import subprocess
     import sys
@@ -278,13 +279,14 @@ def test_demo_and_ablation_recipes_end_to_end_at_reduced_scale(tmp_path):
         for key in ("TR@1", "IR@1", "R@mean", "BLEU-4", "CIDEr"):
             assert isinstance(table["metrics"][key][label], float), (key, label, table)
     demo = json.loads((tmp_path / "compare.json").read_text())["metrics"]
-    for key in ("TR@1", "CIDEr"):  # the demo's A and B are the ablation's raw web and CapFilt columns
-        assert (table["metrics"][key]["raw web"], table["metrics"][key]["CapFilt"]) == (demo[key]["A"], demo[key]["B"])
+    for key in ("TR@1", "CIDEr"):  # the demo's A and B are the ablation's raw web and Filt columns
+        assert (table["metrics"][key]["raw web"], table["metrics"][key]["Filt"]) == (demo[key]["A"], demo[key]["B"])
     cap = json.loads((tmp_path / "capfilt_cap" / "capfilt.json").read_text())["counts"]
-    filt = json.loads((tmp_path / "capfilt_filt" / "capfilt.json").read_text())["counts"]
+    full = json.loads((tmp_path / "capfilt_full" / "capfilt.json").read_text())["counts"]
     assert cap["synthetic"]["in"] == cap["synthetic"]["kept"] == 1200 and cap["web"]["dropped"] == 0  # unfiltered
-    assert "synthetic" not in filt or filt["synthetic"]["in"] == 0
-    assert filt["web"]["kept"] == summary["counts"]["web"]["kept"]  # the demo's filter, the demo's threshold
+    assert full["synthetic"]["in"] == 1200 and full["web"] == summary["counts"]["web"]  # the demo's filter
+    full_summary = json.loads((tmp_path / "capfilt_full" / "capfilt.json").read_text())
+    assert table["filter"] == full_summary["filter_vs_noise_labels"]  # the table reports the full CapFilt's filter
 
 
 PT = (
