@@ -105,13 +105,13 @@ def main() -> None:
 
     def ours_call(dtype: torch.dtype, key: str):
         def run():
-            with torch.inference_mode(), autocast("cpu", dtype):  # one context: weights cast once per call
+            with torch.no_grad(), autocast("cpu", dtype):  # one context: weights cast once per call
                 outs[key] = [c[0] for c in generate(ours, ours.encode_image(px), prompt, gcfg)]
 
         return run
 
     def hf_call():
-        with torch.inference_mode():
+        with torch.no_grad():
             out = hf.generate(
                 pixel_values=px,
                 input_ids=torch.tensor([prompt + [tok.sep_id]] * args.batch),

@@ -94,7 +94,7 @@ def build(image_size: int, tmp: str):
     return hf, load_model(tmp).model, tok
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def hf_usual(hf, px, ids, mask, R):
     """(a) the image passed with every pair: R pairs per forward."""
     out = []
@@ -105,7 +105,7 @@ def hf_usual(hf, px, ids, mask, R):
     return torch.cat(out)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def hf_embeds_once(hf, px, ids, mask, R):
     """(b) the ViT once per image, then the text encoder per R pairs (K/V still projected for every pair)."""
     emb = hf.vision_model(pixel_values=px).last_hidden_state  # (B, 1 + P, D)
@@ -123,7 +123,7 @@ def hf_embeds_once(hf, px, ids, mask, R):
     return torch.cat(out)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def blipctl_folded(model, px, ids, mask, R):
     """(c) the ViT once per image, cross-attention K/V once per image, R texts folded per image."""
     emb = model.encode_image(px)  # (B, 1 + P, D)
@@ -131,7 +131,7 @@ def blipctl_folded(model, px, ids, mask, R):
     return model.itm_logits(ids, mask, image_kv=kv, rows_per_kv=R)[:, 1]  # rows image-major: (B*R,)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def blipctl_probs(model, px, ids, mask, R, dtype):
     """(c) under autocast to `dtype`: ITM p(match) of every pair, (B*R,)."""
     from blip.precision import autocast

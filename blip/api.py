@@ -123,7 +123,7 @@ class Model:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         for batch in batches(named, batch_size):
             px = self._pixels([im for _, im in batch])
-            with torch.inference_mode(), self._autocast():
+            with torch.no_grad(), self._autocast():
                 out = generate(self.net, self.net.encode_image(px), prompt_ids, gcfg, generator=gen)
             for (name, _), caps in zip(batch, out, strict=True):
                 yield name, [self.tokenizer.decode(ids) for ids in caps]
@@ -183,7 +183,7 @@ class Model:
             idx = sorted({i for i, _ in chunk})
             ids, mask = self.tokenizer([t for _, t in chunk], max_length=max_length)
             ids, mask = ids.to(self.device), mask.to(self.device)
-            with torch.inference_mode(), self._autocast():
+            with torch.no_grad(), self._autocast():
                 emb = self.net.encode_image(self._pixels([ims[i] for i in idx]))  # (I, 1+N, D)
                 kv = self.net.text_encoder.image_kv(emb)
                 if len(idx) == 1:  # one image: its K/V serve every text

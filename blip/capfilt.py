@@ -291,7 +291,7 @@ class Bootstrapper:
     def device(self) -> torch.device:
         return next((self.cap or self.filt).parameters()).device
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def synthesize(self, images: list, generator: torch.Generator) -> list[list[str]]:
         if not self.cfg.num_captions:
             return [[] for _ in images]
@@ -300,7 +300,7 @@ class Bootstrapper:
             out = generate(self.cap, self.cap.encode_image(px), self.prompt_ids, self.gcfg, generator=generator)
         return [[self.cap_tok.decode(ids) for ids in caps] for caps in out]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def score(self, images: list, texts: list[list[str]]) -> tuple[list[list[float]], list[list[float]]]:
         """ITM p(match) and ITC cosine of each image's texts (the same number R of texts per image)."""
         dev = next(self.filt.parameters()).device

@@ -134,7 +134,7 @@ def _nucleus(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(
     model: BLIP,
     image_embeds: torch.Tensor,

@@ -7,6 +7,10 @@ One rule for every entry point (captioning, ITM/ITC scoring, CapFilt, the evalua
 - `auto`: bf16 where the hardware computes it natively, else fp32: CUDA devices that support bf16; CPUs whose
   flags include AVX512-BF16 or AMX-BF16. Elsewhere bf16 is emulated (slower than fp32), so `auto` never picks it.
 - `fp16` (training only): float16 autocast with a GradScaler.
+
+Inference runs under `torch.no_grad()`, not `torch.inference_mode()`: autocast caches each weight's bf16 copy for
+the whole context only outside inference mode. Inside it every Linear call casts its weight again (measured: 3 casts
+per call instead of 1; base captioning re-cast the 30524 x 768 LM head at every decoding step, 0.44 s of 7 s).
 """
 
 from __future__ import annotations

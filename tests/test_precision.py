@@ -83,7 +83,7 @@ def test_bf16_itm_scores_match_fp32():
     px, ids, mask = _inputs()
     p = {}
     for dt in (torch.float32, torch.bfloat16):
-        with torch.inference_mode(), autocast("cpu", dt):
+        with torch.no_grad(), autocast("cpu", dt):
             logits = m.itm_logits(ids, mask, image_embeds=m.encode_image(px))
         p[dt] = logits.float().softmax(-1)[:, 1]
     assert float(p[torch.float32].max() - p[torch.float32].min()) > 0.3  # the comparison spans real scores
@@ -103,7 +103,7 @@ def test_bf16_greedy_captions_agree_with_fp32_on_most_tokens():
     cfg = GenerationConfig(num_beams=1, max_length=17, min_length=17)
     caps = {}
     for dt in (torch.float32, torch.bfloat16):
-        with torch.inference_mode(), autocast("cpu", dt):
+        with torch.no_grad(), autocast("cpu", dt):
             caps[dt] = [c[0] for c in generate(m, m.encode_image(px), [VOCAB - 2], cfg)]
     a, b = caps[torch.float32], caps[torch.bfloat16]
     total = sum(len(x) for x in a)
@@ -115,6 +115,22 @@ def test_bf16_greedy_captions_agree_with_fp32_on_most_tokens():
     prefix = sum(agreed(x, y) for x, y in zip(a, b, strict=True))
     assert prefix / total >= 0.75, f"only {prefix / total:.1%} of the tokens precede the first divergence"
     assert a != b or prefix == total  # (the rate is computed, not assumed)
+
+
+def test_bf16_decoding_casts_each_weight_once_per_call():
+    """Autocast caches a weight's bf16 copy only outside inference mode: generate runs under no_grad, so the LM head
+    (vocab x hidden) is cast once per call, not once per decoding step (it was 16 times for 16 steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = _tiny()
+    px, _, _ = _inputs(4)
+    head = list(m.text_decoder.cls.predictions.decoder.weight.shape)
+    for steps in (4, 12):
+        cfg = GenerationConfig(num_beams=2, max_length=steps + 1, min_length=steps + 1)
+        with autocast("cpu", torch.bfloat16), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            generate(m, m.encode_image(px), [VOCAB - 2], cfg)
+        casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [head]]
+        assert len(casts) == 1, f"{steps} steps: the {head} LM head was cast {len(casts)} times"
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ WarnFn = Callable[[str], None]
 
 
 # ---- generation --------------------------------------------------------------------------------------------------
-@torch.inference_mode()
+@torch.no_grad()
 def generate_captions(
     model: BLIP,
     tokenizer: Tokenizer,

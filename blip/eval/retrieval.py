@@ -95,7 +95,7 @@ def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 # ---- scores ------------------------------------------------------------------------------------------------------
-@torch.inference_mode()
+@torch.no_grad()
 def retrieval_scores(
     model: BLIP,
     tokenizer: Tokenizer,
