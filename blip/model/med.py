@@ -165,6 +165,9 @@ class BertModel(nn.Module):
 
     def image_kv(self, image_embeds: torch.Tensor) -> list[KV]:
         """Cross-attention K/V of every layer for (B, N, Dv) image tokens: compute once, reuse for many texts."""
+        dev = image_embeds.device.type
+        if torch.is_autocast_enabled(dev):  # cast the image tokens once, not in each of the 2 x layers projections
+            image_embeds = image_embeds.to(torch.get_autocast_dtype(dev))
         return [layer.crossattention.self.project_kv(image_embeds) for layer in self.encoder.layer]
 
     def forward(
