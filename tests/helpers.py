@@ -127,9 +127,9 @@ def micro_tokenizer() -> Tokenizer:
     chars = "abcdefghijklmnopqrstuvwxyz0123456789"
     vocab = SPECIALS + sorted(w for w in words if w.isalpha()) + list(chars) + [f"##{c}" for c in chars]
     vocab = list(dict.fromkeys(vocab))
-    d = Path(tempfile.mkdtemp(prefix="micro_tok_"))
-    (d / "vocab.txt").write_text("".join(t + "\n" for t in vocab))
-    return Tokenizer.from_pretrained(d)
+    with tempfile.TemporaryDirectory(prefix="micro_tok_") as d:
+        (Path(d) / "vocab.txt").write_text("".join(t + "\n" for t in vocab))
+        return Tokenizer.from_pretrained(d)
 
 
 def micro_config(tok, image_size: int = 32) -> BlipConfig:
@@ -222,11 +222,13 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def _worker(init: str, out: str, batch: int, steps: int, negatives_all_ranks: str, padding: str = "max_length") -> None:
+def _worker(
+    init: str, out: str, batch: int, steps: int, negatives_all_ranks: str, padding: str = "max_length", swaps: str = ""
+) -> None:
     """torchrun entry: pre-train the micro model on the synthetic data, `batch` pairs per rank.
 
     With padding "longest", one sample in 16 gets a longer caption, so ranks pad their batches to different
-    lengths."""
+    lengths. With swaps "1", word-swap ITM negatives (`loss.word_swaps`) over the colours and halves."""
     from blip.train import train
     from blip.train_config import build_config
 
@@ -238,7 +240,10 @@ def _worker(init: str, out: str, batch: int, steps: int, negatives_all_ranks: st
             Path(init),
             Path(out),
             data={"batch_size": batch, "padding": padding},
-            loss={"negatives_all_ranks": negatives_all_ranks == "1"},
+            loss={
+                "negatives_all_ranks": negatives_all_ranks == "1",
+                "word_swaps": [list(COLORS), ["top", "bottom", "left", "right"]] if swaps == "1" else [],
+            },
             train={"max_steps": steps, "epochs": 100},
         ),
     )
@@ -256,7 +261,7 @@ def _worker(init: str, out: str, batch: int, steps: int, negatives_all_ranks: st
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:3], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:7])
+    _worker(*sys.argv[1:3], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:8])
 
 
 # ---- CapFilt tests: a micro captioner and filter, and a random image -------------------------------------------
