@@ -17,12 +17,15 @@ Shapes: B local batch, W world size, L text length, N image tokens (+1 for [CLS]
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from blip import distributed as D
+from blip.data.swaps import WordSwapper
 from blip.errors import InputError
 from blip.losses import IGNORE, itc_loss, itm_loss, lm_labels, positive_mask, same_text, sample_hard_negatives
 from blip.model.blip import BLIP, with_first_token
@@ -134,12 +137,44 @@ class _ContrastiveMatching(_Task):
         negatives_all_ranks: bool = False,
         seed: int = 0,
         hardness: float = 1.0,
+        word_swaps: Sequence[Sequence[str]] = (),
     ):
         super().__init__(model, weights, seed)
         self.momentum = momentum
         self.negatives_all_ranks = negatives_all_ranks
         self.hardness = hardness
         """ITM negatives ~ softmax(hardness * ITC similarity): 1 as the original, 0 uniform."""
+        self.swapper = WordSwapper(word_swaps, key="loss.word_swaps") if word_swaps else None
+        """One more ITM negative per pair: the caption with one word swapped (`loss.word_swaps`)."""
+
+    def prepare(
+        self, raw: dict[str, Any], tok: Any, data: Any, device: torch.device, micro_step: int, rank: int, world: int
+    ) -> Batch:
+        """With word swaps, also `swap_ids`/`swap_mask` (tokenised with the captions: one length) and `swap_ok`
+        (False where a caption has no word to swap)."""
+        batch = super().prepare(raw, tok, data, device, micro_step, rank, world)
+        if self.swapper is None:
+            return batch
+        captions = list(raw["caption"])
+        # drawn per sample and step: a resumed run, or one with another number of ranks, swaps the same words
+        swapped = [
+            self.swapper(c, random.Random(f"{self.seed}/{micro_step}/{k}"))
+            for c, k in zip(captions, raw["key"], strict=True)
+        ]
+        ids, mask = tok(
+            captions + [s or c for s, c in zip(swapped, captions, strict=True)],
+            max_length=data.text_length,
+            padding=data.padding,
+        )
+        B = len(captions)  # ids: (2B, L), the captions then their swaps
+        batch["input_ids"], batch["attention_mask"] = ids[:B].to(device), mask[:B].to(device)
+        batch["swap_ids"], batch["swap_mask"] = ids[B:].to(device), mask[B:].to(device)
+        batch["swap_ok"] = torch.tensor([s is not None for s in swapped], device=device)
+        return batch
+
+    @staticmethod
+    def swaps(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        return (batch["swap_ids"], batch["swap_mask"], batch["swap_ok"]) if "swap_ids" in batch else None
 
     def itc_and_itm(
         self,
@@ -152,6 +187,7 @@ class _ContrastiveMatching(_Task):
         alpha: float,
         step: int,
         update_momentum: bool,
+        swaps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         m = self.model
         rank, world = D.rank_and_world()
@@ -225,17 +261,23 @@ class _ContrastiveMatching(_Task):
             neg_ids, neg_mask = ids[neg_txt], mask[neg_txt]
             neg_kv = [(k[neg_img], v[neg_img]) for k, v in image_kv]  # (B, H, 1+N, d) per layer
 
-        # image i's positive text and its negative text are two rows over image i's K/V
+        # image i's positive text, its negative text (and its swapped text) are R rows over image i's K/V
         L = ids.shape[1]
-        pair_ids = torch.stack([ids, neg_ids], 1).view(2 * B, L)  # (2B, L), image-major
-        pair_mask = torch.stack([mask, neg_mask], 1).view(2 * B, L)
-        logits_pn = m.itm_logits(pair_ids, pair_mask, image_kv=image_kv, rows_per_kv=2).view(B, 2, 2)
+        rows, row_masks = [ids, neg_ids], [mask, neg_mask]
+        if swaps is not None:  # tokenised with the local captions: pad to L if they were padded across ranks
+            swap_ids, swap_mask, swap_ok = swaps
+            rows.append(nn.functional.pad(swap_ids, (0, L - swap_ids.shape[1]), value=m.config.pad_token_id))
+            row_masks.append(nn.functional.pad(swap_mask, (0, L - swap_mask.shape[1]), value=0))
+        R = len(rows)
+        pair_ids = torch.stack(rows, 1).view(R * B, L)  # (R*B, L), image-major
+        pair_mask = torch.stack(row_masks, 1).view(R * B, L)
+        logits_pn = m.itm_logits(pair_ids, pair_mask, image_kv=image_kv, rows_per_kv=R).view(B, R, 2)
         logits_ni = m.itm_logits(ids, mask, image_kv=neg_kv)  # (B, 2): text i with its negative image
-        logits = torch.cat([logits_pn[:, 0], logits_pn[:, 1], logits_ni])  # (3B, 2)
+        logits = torch.cat([logits_pn[:, 0], logits_pn[:, 1], logits_ni, *logits_pn[:, 2:].unbind(1)])  # (3B [+B], 2)
         ones = torch.ones(B, dtype=torch.long, device=ids.device)
         zeros_t = torch.where(ok_txt.to(ids.device), 0, IGNORE)
         zeros_i = torch.where(ok_img.to(ids.device), 0, IGNORE)
-        labels = torch.cat([ones, zeros_t, zeros_i])
+        labels = torch.cat([ones, zeros_t, zeros_i] + ([torch.where(swap_ok, 0, IGNORE)] if swaps is not None else []))
         itm = itm_loss(logits, labels)
         out["itm_loss"] = _global_mean(itm["itm_loss"], (labels != IGNORE).sum())  # rows without negatives vary
         out["itm_acc"] = itm["itm_acc"]
@@ -251,7 +293,16 @@ class PretrainTask(_ContrastiveMatching):
     def from_config(cls, model: BLIP, momentum: Momentum | None, cfg: Any, tok: Any) -> PretrainTask:
         c = cfg.loss
         weights = {"itc": c.itc, "itm": c.itm, "lm": c.lm}
-        return cls(model, momentum, weights, c.negatives_all_ranks, c.label_smoothing, cfg.train.seed, c.hard_negatives)
+        return cls(
+            model,
+            momentum,
+            weights,
+            c.negatives_all_ranks,
+            c.label_smoothing,
+            cfg.train.seed,
+            c.hard_negatives,
+            c.word_swaps,
+        )
 
     def __init__(
         self,
@@ -262,10 +313,11 @@ class PretrainTask(_ContrastiveMatching):
         label_smoothing: float = 0.1,
         seed: int = 0,
         hardness: float = 1.0,
+        word_swaps: Sequence[Sequence[str]] = (),
     ):
         if not (model.config.text_encoder and model.config.text_decoder):
             raise ValueError("pre-training needs a model with both a text encoder and a text decoder")
-        super().__init__(model, momentum, weights, negatives_all_ranks, seed, hardness)
+        super().__init__(model, momentum, weights, negatives_all_ranks, seed, hardness, word_swaps)
         self.label_smoothing = label_smoothing
 
     def forward(self, batch: Batch, alpha: float = 0.0, step: int = 0, update_momentum: bool = True) -> Batch:
@@ -275,7 +327,9 @@ class PretrainTask(_ContrastiveMatching):
             m.temp.clamp_(0.001, 0.5)
         image_embeds = m.encode_image(image)  # (B, 1+N, Dv)
         image_kv = m.text_encoder.image_kv(image_embeds)  # per layer (B, H, 1+N, d): once per image
-        out = self.itc_and_itm(image, ids, mask, batch["idx"], image_embeds, image_kv, alpha, step, update_momentum)
+        out = self.itc_and_itm(
+            image, ids, mask, batch["idx"], image_embeds, image_kv, alpha, step, update_momentum, self.swaps(batch)
+        )
         if self.weights.get("lm", 1.0) > 0:
             dec_kv = image_kv if m.shares_text else m.text_decoder.bert.image_kv(image_embeds)
             h = m.text_decoder.bert(with_first_token(ids, m.config.bos_token_id), mask, image_kv=dec_kv)
@@ -294,7 +348,7 @@ class FilterTask(_ContrastiveMatching):
     def from_config(cls, model: BLIP, momentum: Momentum | None, cfg: Any, tok: Any) -> FilterTask:
         c = cfg.loss
         weights = {"itc": c.itc, "itm": c.itm, "lm": c.lm}
-        return cls(model, momentum, weights, c.negatives_all_ranks, cfg.train.seed, c.hard_negatives)
+        return cls(model, momentum, weights, c.negatives_all_ranks, cfg.train.seed, c.hard_negatives, c.word_swaps)
 
     @classmethod
     def ddp_loss_weights(cls, loss: Any) -> tuple[float, ...]:
@@ -316,10 +370,11 @@ class FilterTask(_ContrastiveMatching):
         negatives_all_ranks: bool = True,
         seed: int = 0,
         hardness: float = 1.0,
+        word_swaps: Sequence[Sequence[str]] = (),
     ):
         if not model.config.text_encoder:
             raise ValueError("the filter needs a model with a text encoder")
-        super().__init__(model, momentum, weights, negatives_all_ranks, seed, hardness)
+        super().__init__(model, momentum, weights, negatives_all_ranks, seed, hardness, word_swaps)
 
     def forward(self, batch: Batch, alpha: float = 0.0, step: int = 0, update_momentum: bool = True) -> Batch:
         m = self.model
@@ -328,7 +383,9 @@ class FilterTask(_ContrastiveMatching):
             m.temp.clamp_(0.001, 0.5)
         image_embeds = m.encode_image(image)  # (B, 1+N, Dv)
         image_kv = m.text_encoder.image_kv(image_embeds)
-        out = self.itc_and_itm(image, ids, mask, batch["idx"], image_embeds, image_kv, alpha, step, update_momentum)
+        out = self.itc_and_itm(
+            image, ids, mask, batch["idx"], image_embeds, image_kv, alpha, step, update_momentum, self.swaps(batch)
+        )
         out["loss"] = self.total(out)
         return out
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from blip.config import deep_merge, from_dict
+from blip.data.swaps import WordSwapper
 from blip.errors import InputError
 
 Task = Literal["pretrain", "captioner", "filter"]
@@ -129,6 +130,10 @@ class LossArgs:
     """ITM negatives are drawn with probability softmax(hard_negatives * ITC similarity): 1 is the original
     (hard negatives), 0 uniform. Lower it when training from scratch on data with many near-duplicates."""
     label_smoothing: float = 0.1
+    word_swaps: list[list[str]] = field(default_factory=list)
+    """Word classes for one more ITM negative per pair: the caption with one word replaced by another of its class
+    (blip.data.swaps), e.g. [["red", "blue"], ["circle|disc", "square|box"]] ("|" joins synonyms). Teaches which
+    attribute belongs to which object, which in-batch negatives rarely test. Empty: off (the original)."""
 
 
 @dataclass(kw_only=True)
@@ -279,3 +284,7 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError("loss.itc / loss.itm: the captioner trains the LM loss only (it has no text encoder)")
     if cfg.task == "filter" and cfg.loss.lm:
         raise InputError("loss.lm: the filter trains ITC + ITM only (it has no text decoder)")
+    if cfg.loss.word_swaps:
+        if cfg.task == "captioner":
+            raise InputError("loss.word_swaps: swapped captions are ITM negatives; the captioner has no ITM loss")
+        WordSwapper(cfg.loss.word_swaps, key="loss.word_swaps")  # refuses malformed classes, naming the key

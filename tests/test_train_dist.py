@@ -34,15 +34,16 @@ def _env():
     return env | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
-@pytest.mark.parametrize("padding", ["max_length", "longest"])
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, padding):
+@pytest.mark.parametrize("padding, swaps", [("max_length", ""), ("longest", ""), ("longest", "1")])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, padding, swaps):
     # "longest": captions of different lengths, so each rank pads its batch to a different length and the ITM
-    # negatives, drawn from the whole global batch, need one length (this crashed in gloo's all_gather)
+    # negatives, drawn from the whole global batch, need one length (this crashed in gloo's all_gather); swaps:
+    # word-swap negatives, tokenised per rank, are padded to that length and drawn per sample, not per rank
     init = micro_init(tmp_path / "init")
     one, two = tmp_path / "one", tmp_path / "two"
     steps = "6"
     r1 = subprocess.run(
-        [sys.executable, WORKER, str(init), str(one), "16", steps, "1", padding],
+        [sys.executable, WORKER, str(init), str(one), "16", steps, "1", padding, swaps],
         env=_env(),
         capture_output=True,
         text=True,
@@ -50,7 +51,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, pa
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER, str(init), str(two), "8", steps, "1"]
-        + [padding],
+        + [padding, swaps],
         env=_env(),
         capture_output=True,
         text=True,
