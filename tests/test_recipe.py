@@ -244,8 +244,8 @@ CI_ABLATION = [
 @pytest.mark.slow
 def test_demo_and_ablation_recipes_end_to_end_at_reduced_scale(tmp_path):
     """The real `blipctl run recipes/demo.toml` (CI scale): every step runs, the table is written, a rerun of the
-    finished recipe does nothing;
-    then `recipes/ablation.toml` on the same directory adds the Cap and CapFilt columns."""
+    finished recipe does nothing; then `recipes/ablation.toml` on the same directory adds the Cap and CapFilt
+    columns."""
     import os
     import subprocess
     import sys
@@ -282,10 +282,10 @@ def test_demo_and_ablation_recipes_end_to_end_at_reduced_scale(tmp_path):
     for key in ("TR@1", "CIDEr"):  # the demo's A and B are the ablation's raw web and Filt columns
         assert (table["metrics"][key]["raw web"], table["metrics"][key]["Filt"]) == (demo[key]["A"], demo[key]["B"])
     cap = json.loads((tmp_path / "capfilt_cap" / "capfilt.json").read_text())["counts"]
-    full = json.loads((tmp_path / "capfilt_full" / "capfilt.json").read_text())["counts"]
+    full_summary = json.loads((tmp_path / "capfilt_full" / "capfilt.json").read_text())
+    full = full_summary["counts"]
     assert cap["synthetic"]["in"] == cap["synthetic"]["kept"] == 1200 and cap["web"]["dropped"] == 0  # unfiltered
     assert full["synthetic"]["in"] == 1200 and full["web"] == summary["counts"]["web"]  # the demo's filter
-    full_summary = json.loads((tmp_path / "capfilt_full" / "capfilt.json").read_text())
     assert table["filter"] == full_summary["filter_vs_noise_labels"]  # the table reports the full CapFilt's filter
 
 
