@@ -6,6 +6,7 @@
     m.score("a.jpg", ["a dog", "a cat"])                          # ITM probability and ITC cosine
     blip.capfilt.run("web/", "clean/", captioner=..., filter=..., config=blip.CapfiltConfig())
     blip.train(blip.build_config("pretrain", {...}))              # the loop behind pretrain / finetune-*
+    blip.pretrain_vision(blip.VisionPretrainConfig(...))          # a ViT classified on labels, for vision_init
     blip.eval.retrieval("coco", model=...), blip.eval.caption("coco", model=...)
     blip.model_config("tiny", tokenizer=tok)                      # special token ids from the tokenizer
 
@@ -33,6 +34,8 @@ _LAZY = {
     "TrainConfig": ("blip.train_config", "TrainConfig"),
     "Tokenizer": ("blip.tokenizer", "Tokenizer"),
     "InputError": ("blip.errors", "InputError"),
+    "pretrain_vision": ("blip.vision_pretrain", "pretrain_vision"),
+    "VisionPretrainConfig": ("blip.vision_pretrain", "VisionPretrainConfig"),
 }
 _SUBMODULES = ("capfilt", "eval", "train", "data", "model", "checkpoint", "generation")
 """`blip.train`, `blip.eval.retrieval` and `blip.eval.caption` are modules that can be called (blip/_callable.py)."""

@@ -131,6 +131,11 @@ def check_type(value: Any, t: Any, key: str) -> Any:
         args = typing.get_args(t)
         inner = args[0] if args else Any
         return [check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"{key}: expected a table, got {value!r}")
+        kt, vt = typing.get_args(t) or (Any, Any)
+        return {check_type(k, kt, f"{key} key"): check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin is typing.Literal:
         if value not in typing.get_args(t):
             raise InputError(f"{key}: expected one of {list(typing.get_args(t))}, got {value!r}")

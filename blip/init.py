@@ -4,9 +4,10 @@
   encoder; the decoder's self-attention gets the same BERT self-attention (the original loads bert-base-uncased
   into both and then ties them); BertForMaskedLM's `cls.predictions` initialises the LM head. Cross-attention
   stays random (BERT has none). Vocabulary rows beyond BERT's (BLIP's [DEC], [ENC]) stay random.
-- Vision (`vision_init`): a timm model name (downloads its pretrained weights: needs network) or a local
-  .pth/.safetensors state dict of a timm ViT (e.g. DeiT-B as the original). The classifier head is dropped and
-  the position embeddings are interpolated to the model's image size.
+- Vision (`vision_init`): a timm model name (downloads its pretrained weights: needs network), a local
+  .pth/.safetensors state dict of a timm ViT (e.g. DeiT-B as the original), or the output directory of a
+  blip.vision_pretrain run (its vit.safetensors). The classifier head is dropped and the position embeddings are
+  interpolated to the model's image size.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from blip.config import VisionConfig
 from blip.errors import InputError
 from blip.model.blip import BLIP
 from blip.model.vit import interpolate_pos_embed
@@ -107,6 +109,12 @@ def init_text_from_bert(model: BLIP, bert_dir: str | Path) -> list[str]:
 # ---- vision: timm ViT --------------------------------------------------------------------------------------------
 def _timm_weights(spec: str) -> dict[str, torch.Tensor]:
     p = Path(spec).expanduser()
+    if p.is_dir():  # a blip.vision_pretrain run
+        from blip.vision_pretrain import WEIGHTS
+
+        if not (p / WEIGHTS).is_file():
+            raise InputError(f"vision_init {spec}: a directory without {WEIGHTS} (not a finished vision pre-training)")
+        return read_state_dict(p / WEIGHTS)
     if p.is_file():
         return read_state_dict(p)
     if p.suffix in (".pth", ".pt", ".bin", ".safetensors") or "/" in spec:
@@ -124,6 +132,20 @@ def _timm_weights(spec: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _check_tower_shape(spec: str, want: VisionConfig) -> None:
+    """A vision pre-training run records its tower's shape: name what differs instead of listing stray keys."""
+    from blip.vision_pretrain import read_vision_config
+
+    have = read_vision_config(spec) if Path(spec).expanduser().is_dir() else None
+    if have is None:
+        return
+    keys = ("stem", "patch_size", "width", "depth", "heads", "mlp_dim")
+    diff = [f"{k} {getattr(have, k)!r} (the model has {getattr(want, k)!r})" for k in keys
+            if getattr(have, k) != getattr(want, k)]  # fmt: skip
+    if diff:
+        raise InputError(f"vision_init {spec}: the tower was trained with {', '.join(diff)}; build the model alike")
+
+
 def init_vision_from_timm(model: BLIP, spec: str) -> list[str]:
     """Load a timm ViT's weights into `visual_encoder` (head dropped, pos_embed interpolated). Returns names."""
     sd = {}
@@ -135,6 +157,7 @@ def init_vision_from_timm(model: BLIP, spec: str) -> list[str]:
     if "dist_token" in sd:
         raise InputError(f"vision_init {spec}: distilled ViTs (dist_token) are not supported; use a plain ViT/DeiT")
     vit = model.visual_encoder
+    _check_tower_shape(spec, model.config.vision)
     if "pos_embed" in sd and sd["pos_embed"].shape != vit.pos_embed.shape:
         sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], vit.pos_embed.shape[1] - 1)
     own = vit.state_dict()

@@ -38,7 +38,8 @@ class ModelArgs:
     text_init: str | None = None
     """Fresh pre-training only: a local Hugging Face BERT dir whose weights initialise the text transformer."""
     vision_init: str | None = None
-    """Fresh pre-training only: a timm model name (needs network) or a .pth/.safetensors timm ViT state dict."""
+    """Fresh pre-training only: a timm model name (needs network), a .pth/.safetensors timm ViT state dict, or a
+    `blipctl pretrain-vision` output dir (then `stem`, `patch_size` and the size must match the tower's)."""
     image_size: int = 224
     patch_size: int | None = None
     """Fresh models only: the ViT patch size (None keeps the size's 16). Smaller patches see finer detail at the

@@ -11,6 +11,7 @@ from typing import Any
 
 MODULES = (
     "blipctl.commands.train",
+    "blipctl.commands.vision",
     "blipctl.commands.capfilt",
     "blipctl.commands.evaluate",
     "blipctl.commands.model_cmds",
@@ -22,6 +23,7 @@ MODULES = (
 STEPS = {
     "data demo": "blipctl.commands.data:run_demo",
     "data from-json": "blipctl.commands.data:run_from_json",
+    "pretrain-vision": "blipctl.commands.vision:run_pretrain_vision",
     "pretrain": "blipctl.commands.train:run_pretrain",
     "finetune-captioner": "blipctl.commands.train:run_finetune_captioner",
     "finetune-filter": "blipctl.commands.train:run_finetune_filter",

@@ -40,8 +40,9 @@ def test_demo_recipe_is_the_bootstrap():
     r = load_recipe(ROOT / "recipes" / "demo.toml")
     by = {s.name: s for s in r.steps}
     cmds = [s.command for s in r.steps]
-    assert cmds[:7] == [
+    assert cmds[:8] == [
         "data demo",
+        "pretrain-vision",
         "pretrain",
         "pretrain",
         "finetune-captioner",
@@ -49,19 +50,28 @@ def test_demo_recipe_is_the_bootstrap():
         "capfilt",
         "pretrain",
     ]
-    a, b, w = by["pretrain_a"], by["pretrain_b"], by["warmstart"]
+    a, b, w, v = by["pretrain_a"], by["pretrain_b"], by["warmstart"], by["vision"]
     # A and B start from the same warm start (BLIP's shared ImageNet-ViT + BERT init), trained on human data only
     assert a.params["init"] == b.params["init"] == w.params["out"]
     data_out = by["data"].params["out"]
     assert w.params["data"]["train"] == [data_out + "/human"]
+    # ... whose tower starts classified on the world's single objects (the ImageNet start), with the same shape
+    assert w.params["model"]["vision_init"] == v.params["out"] and v.params["train"] == data_out + "/objects"
+    assert w.params["model"]["stem"] == v.params["stem"] and w.params["model"]["image_size"] == v.params["image_size"]
+    assert w.params["model_size"] == v.params["size"] and set(v.params["heads"]) == {
+        "shape",
+        "color",
+        "size",
+        "position",
+    }
     # A sees every web image (with half of them, even a perfect filter gained little: README)
     assert a.params["data"]["train"] == [data_out + "/human", data_out + "/web"]
     assert by["capfilt"].params["inputs"] == a.params["data"]["train"][1]  # A's raw web is what CapFilt cleans
     assert by["capfilt"].params["captioner"] == by["captioner"].params["out"]
     assert by["capfilt"].params["filter"] == by["filter"].params["out"]
-    # B learns from the filtered web captions alone: the tiny captioner's shapes and positions are at chance level,
-    # and the synthetic captions the filter let through cost B retrieval (README); one override turns them on
-    assert by["capfilt"].params["num_captions"] == 0
+    # B learns from the paper's full CapFilt: web and synthetic captions (nucleus sampling), both filtered
+    assert by["capfilt"].params["num_captions"] == 1 and by["capfilt"].params["top_p"] == 0.9
+    assert by["capfilt"].params["threshold"] > 0
     assert b.params["data"]["train"][1] == by["capfilt"].params["out_dir"]
     # CapFilt's captioner and filter are fine-tuned from A
     assert by["captioner"].params["init"] == by["filter"].params["init"] == a.params["out"]
@@ -226,6 +236,7 @@ def test_missing_recipe_file(tmp_path):
 
 CI_DEMO = [
     "data.scale=small",
+    "vision.steps=4",
     "warmstart.max_steps=4",
     "pretrain_a.max_steps=8",
     "pretrain_b.max_steps=8",
@@ -235,16 +246,16 @@ CI_DEMO = [
 ]
 CI_ABLATION = [
     "pretrain_cap.max_steps=8",
-    "pretrain_capfilt.max_steps=8",
+    "pretrain_filt.max_steps=8",
     "captioner_cap.max_steps=4",
-    "captioner_capfilt.max_steps=4",
+    "captioner_filt.max_steps=4",
 ]
 
 
 @pytest.mark.slow
 def test_demo_and_ablation_recipes_end_to_end_at_reduced_scale(tmp_path):
     """The real `blipctl run recipes/demo.toml` (CI scale): every step runs, the table is written, a rerun of the
-    finished recipe does nothing; then `recipes/ablation.toml` on the same directory adds the Cap and CapFilt
+    finished recipe does nothing; then `recipes/ablation.toml` on the same directory adds the Filt and Cap
     columns."""
     import os
     import subprocess
@@ -279,14 +290,15 @@ def test_demo_and_ablation_recipes_end_to_end_at_reduced_scale(tmp_path):
         for key in ("TR@1", "IR@1", "R@mean", "BLEU-4", "CIDEr"):
             assert isinstance(table["metrics"][key][label], float), (key, label, table)
     demo = json.loads((tmp_path / "compare.json").read_text())["metrics"]
-    for key in ("TR@1", "CIDEr"):  # the demo's A and B are the ablation's raw web and Filt columns
-        assert (table["metrics"][key]["raw web"], table["metrics"][key]["Filt"]) == (demo[key]["A"], demo[key]["B"])
+    for key in ("TR@1", "CIDEr"):  # the demo's A and B are the ablation's raw web and CapFilt columns
+        assert (table["metrics"][key]["raw web"], table["metrics"][key]["CapFilt"]) == (demo[key]["A"], demo[key]["B"])
     cap = json.loads((tmp_path / "capfilt_cap" / "capfilt.json").read_text())["counts"]
-    full_summary = json.loads((tmp_path / "capfilt_full" / "capfilt.json").read_text())
-    full = full_summary["counts"]
+    filt = json.loads((tmp_path / "capfilt_filt" / "capfilt.json").read_text())["counts"]
+    full = summary["counts"]
     assert cap["synthetic"]["in"] == cap["synthetic"]["kept"] == 1200 and cap["web"]["dropped"] == 0  # unfiltered
-    assert full["synthetic"]["in"] == 1200 and full["web"] == summary["counts"]["web"]  # the demo's filter
-    assert table["filter"] == full_summary["filter_vs_noise_labels"]  # the table reports the full CapFilt's filter
+    assert full["synthetic"]["in"] == 1200 and filt["web"] == full["web"]  # the same filter on the web captions
+    assert filt.get("synthetic", {}).get("in", 0) == 0
+    assert table["filter"] == summary["filter_vs_noise_labels"]  # the table reports the full CapFilt's filter
 
 
 PT = (
@@ -418,3 +430,16 @@ def test_ablation_reuses_the_demo_steps_unchanged():
     demo, ablation = sigs(ROOT / "recipes" / "demo.toml"), sigs(ROOT / "recipes" / "ablation.toml")
     assert {k: ablation[k] for k in demo} == demo
     assert len(ablation) == len(demo) + 11
+    # every column gets A's pre-training and captioner budget: only the data differs
+    by = {s.name: s.params for s in load_recipe(ROOT / "recipes" / "ablation.toml").steps}
+
+    def same(p):
+        return {k: (v if k != "data" else {**v, "train": None}) for k, v in p.items() if k not in ("init", "out")}
+
+    for col in ("filt", "cap"):
+        assert same(by[f"pretrain_{col}"]) == same(by["pretrain_a"]), col
+        assert by[f"pretrain_{col}"]["init"] == by["pretrain_a"]["init"]
+        assert same(by[f"captioner_{col}"]) == same(by["captioner"]), col
+    assert by["capfilt_filt"]["num_captions"] == 0 and by["capfilt_cap"]["threshold"] == 0.0
+    for key in ("captioner", "filter", "top_p", "seed", "max_length"):
+        assert by["capfilt_filt"][key] == by["capfilt_cap"][key] == by["capfilt"][key], key

@@ -12,6 +12,10 @@ Splits, as the BLIP bootstrap needs them:
             json.noise / json.noise_kind hold the truth and json.clean_caption the true caption.
     test/   clean, 5 captions per image, as shards AND as test.json (COCO-Karpathy style, images under
             test/images/) with test_gt.json (COCO caption ground truth)
+    objects/  the world's "ImageNet": one object per image with its class labels in json.labels (shape, color,
+            size, position: indices into world.json's "labels") and one caption, for pre-training the vision
+            tower by classification (blip.vision_pretrain), as BLIP starts from an ImageNet-classified ViT
+    objects_val/  more of the same, held out: the classifier's validation accuracy
 and world.json, the summary (counts, realised noise). The noise fraction is exact: round(noise * web images).
 
 Deterministic per seed, byte for byte: the plan (scenes, captions, noise) is drawn from generators seeded by
@@ -55,15 +59,15 @@ BACKGROUNDS = {"white": (246, 246, 246), "gray": (128, 128, 128), "black": (22, 
 
 SCALES = {
     # split: (images, shards)
-    "small": {"human": (300, 4), "web": (1200, 8), "test": (100, 4)},
-    "full": {"human": (2000, 8), "web": (12000, 24), "test": (300, 4)},
+    "small": {"human": (300, 4), "web": (1200, 8), "test": (100, 4), "objects": (400, 4), "objects_val": (100, 1)},
+    "full": {"human": (2000, 8), "web": (12000, 24), "test": (300, 4), "objects": (4000, 8), "objects_val": (500, 1)},
 }
 TEST_CAPTIONS = 5
 NOISE_KINDS = {"swap": 0.4, "attribute": 0.3, "junk": 0.3}
-FORMATS = {"human": "png", "web": "jpg", "test": "png"}
+FORMATS = {"human": "png", "web": "jpg", "test": "png", "objects": "png", "objects_val": "png"}
 PNG = {"format": "PNG", "compress_level": 6, "optimize": False}
 JPEG = {"format": "JPEG", "quality": 92, "subsampling": 0, "optimize": False, "progressive": False}
-ID_BASE = {"human": 0, "web": 1_000_000, "test": 2_000_000}
+ID_BASE = {"human": 0, "web": 1_000_000, "test": 2_000_000, "objects": 3_000_000}
 
 # ---- the grammar -------------------------------------------------------------------------------------------------
 SHAPE_WORDS = {
@@ -365,6 +369,29 @@ def _plan_split(split: str, n: int, seed: int, n_captions: Callable[[random.Rand
     return samples
 
 
+def _plan_objects(n: int, seed: int) -> list[dict]:
+    """Single-object scenes, every attribute uniform, from their own generator (the other splits do not move)."""
+    rng = random.Random(f"blipctl-demo:{seed}:objects:plan")
+    samples = []
+    for i in range(n):
+        o = {"shape": _pick(rng, SHAPES), "color": _pick(rng, tuple(COLORS)), "size": _pick(rng, SIZES)}
+        o["position"] = _pick(rng, POSITIONS)
+        scene = {"objects": [o], "background": _pick(rng, tuple(BACKGROUNDS))}
+        image_id = ID_BASE["objects"] + i
+        key = f"objects_{image_id:07d}"
+        samples.append({"key": key, "image_id": image_id, "scene": scene, "captions": [describe(scene, rng)]})
+    return samples
+
+
+LABELS = {"shape": list(SHAPES), "color": list(COLORS), "size": list(SIZES), "position": list(POSITIONS)}
+"""The objects split's label heads and their class names (world.json "labels")."""
+
+
+def object_labels(o: dict) -> dict[str, int]:
+    """An object's class id per head of LABELS: the objects split's `json.labels`."""
+    return {head: names.index(o[head]) for head, names in LABELS.items()}
+
+
 def _plan_noise(web: list[dict], seed: int, noise: float) -> dict[str, int]:
     """Corrupt exactly round(noise * N) web captions; kinds split by NOISE_KINDS (largest remainder)."""
     rng = random.Random(f"blipctl-demo:{seed}:web:noise")
@@ -403,6 +430,8 @@ def _sample_record(split: str, s: dict) -> tuple[str, dict]:
         meta["clean_caption"] = s["clean"]
         return s["txt"], meta
     meta["source"] = "human"
+    if split.startswith("objects"):
+        meta["labels"] = object_labels(s["scene"]["objects"][0])
     meta["captions"] = [{"text": c, "source": "human"} for c in s["captions"]]
     return s["captions"][0], meta
 
@@ -436,8 +465,8 @@ def make_demo(
     *,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Write the demo world under `out` (human/, web/, test/, world.json); returns the summary (world.json plus
-    "seconds"). on_progress(images done, images total) is called as shards finish.
+    """Write the demo world under `out` (human/, web/, test/, objects/, objects_val/, world.json); returns the
+    summary (world.json plus "seconds"). on_progress(images done, images total) is called as shards finish.
 
     One process: an image takes about 0.25 ms to draw and encode, so the full world takes a few seconds and
     worker processes would cost more to start than they save."""
@@ -453,6 +482,8 @@ def make_demo(
         "web": _plan_split("web", sizes["web"][0], seed, lambda r: 1),
         "test": _plan_split("test", sizes["test"][0], seed, lambda r: TEST_CAPTIONS),
     }
+    objects = _plan_objects(sizes["objects"][0] + sizes["objects_val"][0], seed)
+    plans["objects"], plans["objects_val"] = objects[: sizes["objects"][0]], objects[sizes["objects"][0] :]
     quotas = _plan_noise(plans["web"], seed, noise)
 
     jobs = []
@@ -515,6 +546,7 @@ def make_demo(
             "positions": list(POSITIONS),
             "backgrounds": list(BACKGROUNDS),
         },
+        "labels": LABELS,
     }
     write_bytes(root / "world.json", (json.dumps(world, indent=1) + "\n").encode())
     return {**world, "out": str(root), "seconds": round(time.perf_counter() - t0, 3)}

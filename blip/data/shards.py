@@ -45,6 +45,8 @@ REASONS = {
     "empty_caption": "every caption is empty after cleaning (pre_caption)",
     "bad_utf8": "the caption or json is not valid UTF-8",
     "bad_json": "the json member is not a JSON object",
+    "bad_label": "the cls member is not an integer, or a json.labels entry is missing, not an integer or out of range "
+    "(vision pre-training)",
     "duplicate_key": "the key appeared earlier in the same shard (CapFilt keeps the first)",
     "unsafe_key": "the sample key is absolute or has '..', '.', empty parts, a backslash or a control character "
     "(written out, it could name a file outside the output directory)",
@@ -240,7 +242,13 @@ def _validate(group: dict[str, bytes | int], decode: bool, need_caption: bool = 
         image = decode_image(data)
     elif data == 0:  # decode=False stores member sizes
         raise BadSample("empty_image", "zero bytes")
-    return {"image": image, "image_bytes": data if decode else None, "image_ext": ext, "text": text, "json": meta}
+    sample = {"image": image, "image_bytes": data if decode else None, "image_ext": ext, "text": text, "json": meta}
+    if "cls" in group:  # an ImageNet-style class id (webdataset's .cls), for vision pre-training
+        try:
+            sample["cls"] = int(bytes(group["cls"]).decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError, TypeError):
+            raise BadSample("bad_label", "cls: expected an integer class id") from None
+    return sample
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------

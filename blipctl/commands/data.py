@@ -64,10 +64,16 @@ def run_from_json(
 @app.command("demo")
 @guarded
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Output directory (human/, web/, test/, world.json).")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Output directory (human/, web/, test/, objects/, objects_val/, world.json).")
+    ],
     seed: Annotated[int, typer.Option(help="World seed: the same seed gives the same files, byte for byte.")] = 0,
     scale: Annotated[
-        str, typer.Option(help="small (300/1200/100 images: tests, CI) or full (2000/12000/300: the demo).")
+        str,
+        typer.Option(
+            help="small (human/web/test/objects 300/1200/100/500 images: tests, CI) or full (2000/12000/300/4500: the "
+            "demo)."
+        ),
     ] = "small",
     noise: Annotated[float, typer.Option(help="Fraction of web captions corrupted (exact).")] = 0.4,
 ) -> None:
@@ -76,7 +82,9 @@ def demo(
     Splits: human/ (clean, 2-3 captions per image), web/ (one caption per image, --noise of them corrupted:
     another image's caption, a wrong colour or shape, or alt-text junk; json.noise and json.noise_kind hold the
     truth), test/ (5 captions per image, as shards and as test/test.json + test/test_gt.json for eval-retrieval
-    and eval-caption). A summary goes to OUT/world.json.
+    and eval-caption), objects/ and objects_val/ (one object per image with its shape, colour, size and position
+    as class labels in json.labels: the world's ImageNet, for `blipctl pretrain-vision`). A summary goes to
+    OUT/world.json.
 
     Examples:
 

@@ -190,6 +190,9 @@ class ProgressPrinter:
     @staticmethod
     def describe(r: dict[str, Any]) -> str:
         parts = [f"{abbr} {r[k]:.3f}" for k, abbr in LOSS_ABBR.items() if k in r]
+        if not parts and "loss" in r:  # pretrain-vision: the summed head losses, then held-out accuracy per head
+            parts = [f"loss {r['loss']:.3f}"]
+            parts += [f"{k[4:-4]} {v:.3f}" for k, v in r.items() if k.startswith("val_") and k.endswith("_acc")]
         parts.append(f"lr {r['lr']:.2e}")
         if r.get("samples_per_s") is not None:
             parts.append(f"{r['samples_per_s']:.1f} samples/s")

@@ -1,6 +1,7 @@
 """The demo world's "ImageNet": classify single objects by shape and colour with the tiny stem tower, then save the
-ViT state dict for `model.vision_init` (docs/demo-capfilt.md, "A tower that sees shapes"). An experiment script, not
-part of blipctl; the library feature it points to is not written yet.
+ViT state dict for `model.vision_init` (docs/demo-capfilt.md, "A tower that sees shapes"). The experiment behind
+the measurements there, kept to reproduce them; the library feature that replaced it is `blipctl pretrain-vision`
+(blip/vision_pretrain.py, the demo recipe's `vision` step).
 
     python docs/experiments/classify_objects.py OUT.pth [STEPS=1200] [IMAGES=4000]
     blipctl run recipes/demo.toml warmstart.model.stem=conv warmstart.model.vision_init=OUT.pth capfilt.num_captions=1
