@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
         Example (the demo world's objects split):
 
           blipctl pretrain-vision --data demo/objects --val demo/objects_val --out runs/vit
-            --heads shape=5,color=6,size=2,position=5 size=tiny image_size=96 stem=conv steps=600
+            --heads shape=5,color=6,size=2,position=5 size=tiny image_size=96 stem=conv steps=400
         """
         from blip.config import deep_merge
 
