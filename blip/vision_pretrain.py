@@ -204,7 +204,8 @@ def classification_losses(logits: dict[str, torch.Tensor], labels: torch.Tensor)
         known = y != IGNORE
         loss = F.cross_entropy(z, y, ignore_index=IGNORE) if known.any() else z.sum() * 0.0
         out[f"{name}_loss"] = loss
-        out[f"{name}_acc"] = (z.argmax(-1) == y)[known].float().mean() if known.any() else z.new_tensor(float("nan"))
+        if known.any():  # no accuracy for a head this batch has no labels for (NaN is not JSON)
+            out[f"{name}_acc"] = (z.argmax(-1) == y)[known].float().mean()
         total = total + loss
     out["loss"] = total
     return out
