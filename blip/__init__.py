@@ -35,7 +35,7 @@ _LAZY = {
     "Tokenizer": ("blip.tokenizer", "Tokenizer"),
     "InputError": ("blip.errors", "InputError"),
     "pretrain_vision": ("blip.vision_pretrain", "pretrain_vision"),
-    "VisionPretrainConfig": ("blip.vision_pretrain", "VisionPretrainConfig"),
+    "VisionPretrainConfig": ("blip.vision_pretrain_config", "VisionPretrainConfig"),
 }
 _SUBMODULES = ("capfilt", "eval", "train", "data", "model", "checkpoint", "generation")
 """`blip.train`, `blip.eval.retrieval` and `blip.eval.caption` are modules that can be called (blip/_callable.py)."""

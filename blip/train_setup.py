@@ -133,7 +133,7 @@ class TrainSetup:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (no_decay if _no_weight_decay(name, p) else decay).append(p)
+                (no_decay if no_weight_decay(name, p) else decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         impl = o.impl
         if impl == "auto":  # fused is also the fastest on CPU (~5x foreach for AdamW in torch 2.x)
@@ -245,7 +245,7 @@ class TrainSetup:
         return per_rank
 
 
-def _no_weight_decay(name: str, p: torch.Tensor) -> bool:
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     """Biases, norm weights, temp (ndim < 2) and position / class embeddings are not decayed."""
     return p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "position_embeddings.weight"))
 

@@ -24,6 +24,7 @@ timm's scripts and pass its weights to `model.vision_init`); a killed run starts
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -31,20 +32,23 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from blip.atomic import temp_dir, write_json
-from blip.config import VisionConfig, from_dict, model_config
+from blip.config import VisionConfig, from_dict
+from blip.data.loader import shuffled
 from blip.data.shards import SampleStats, expand_shards, iter_shard
 from blip.data.transforms import eval_transform, train_transform
 from blip.errors import InputError
 from blip.model.vit import ViT
+from blip.train_setup import no_weight_decay
+from blip.vision_pretrain_config import VisionPretrainConfig, vision_pretrain_config  # noqa: F401 - part of this API
 
 RESULT = "result.json"
 WEIGHTS = "vit.safetensors"
@@ -52,66 +56,6 @@ CONFIG = "vision_config.json"
 IGNORE = -100  # F.cross_entropy's ignore_index: this sample has no label for this head
 
 LogFn = Callable[[dict[str, Any]], None]
-
-
-@dataclass(kw_only=True)
-class VisionPretrainConfig:
-    train: list[str]
-    """Labelled training shards (dir, glob, brace pattern)."""
-    out: str
-    """Output directory (see the module docstring)."""
-    heads: dict[str, int]
-    """Head name -> number of classes, e.g. {"shape": 5, "color": 6}; "cls" reads the shards' `cls` member."""
-    val: list[str] = field(default_factory=list)
-    """Held-out labelled shards: accuracy per head at each log step and at the end."""
-    size: Literal["tiny", "base", "large"] = "tiny"
-    """The tower's size (as `model.size` of the BLIP that will load it)."""
-    image_size: int = 224
-    patch_size: int | None = None
-    """None keeps the size's 16."""
-    stem: Literal["none", "conv"] = "none"
-    """As `model.stem` (VisionConfig.stem); the BLIP that loads the tower must use the same."""
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup_steps: int = 30
-    weight_decay: float = 0.05
-    """AdamW decay on weight matrices and conv kernels; biases, norms and embeddings are not decayed."""
-    min_scale: float = 1.0
-    """RandomResizedCrop minimum scale; 1.0 keeps the whole image (labels that name a position need it)."""
-    hflip: bool = False
-    """Random horizontal flips (wrong for labels that say left or right)."""
-    shuffle_buffer: int = 5000
-    """Samples shuffled among while streaming (decoded images: mind the memory at high resolution)."""
-    log_every: int = 100
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    overwrite: bool = False
-    """Replace a finished run in `out` (otherwise a complete `out` is an error)."""
-
-    def vision(self) -> VisionConfig:
-        overrides = {"stem": self.stem} | ({"patch_size": self.patch_size} if self.patch_size else {})
-        return dataclasses.replace(model_config(self.size, image_size=self.image_size).vision, **overrides)
-
-
-def vision_pretrain_config(d: dict[str, Any]) -> VisionPretrainConfig:
-    """A config from a plain dict (TOML data); unknown keys, wrong types and bad values raise InputError naming them."""
-    for key in ("train", "out", "heads"):
-        if key not in d:
-            raise InputError(f"{key}: required", param=key)
-    cfg = from_dict(VisionPretrainConfig, d)
-    if not cfg.heads:
-        raise InputError("heads: at least one head (name = number of classes)", param="heads")
-    for name, n in cfg.heads.items():
-        if n < 2:
-            raise InputError(f"heads.{name}: a head needs at least 2 classes, got {n}", param=f"heads.{name}")
-    for key in ("steps", "batch_size", "log_every", "shuffle_buffer", "image_size"):
-        if getattr(cfg, key) < 1:
-            raise InputError(f"{key}: must be at least 1, got {getattr(cfg, key)}", param=key)
-    if not 0.0 < cfg.min_scale <= 1.0:
-        raise InputError(f"min_scale: must be in (0, 1], got {cfg.min_scale}", param="min_scale")
-    return cfg
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -152,32 +96,19 @@ def labelled_samples(
 def _batches(cfg: VisionPretrainConfig, stats: SampleStats) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless shuffled training batches: (B, 3, H, W) pixels and (B, heads) class ids."""
     tf = train_transform(cfg.image_size, cfg.min_scale, randaugment=False, hflip=cfg.hflip)
-    rng = random.Random(cfg.seed)
-    buf: list[tuple[Any, list[int]]] = []
+    rng = np.random.default_rng(cfg.seed)
     batch: list[tuple[torch.Tensor, list[int]]] = []
-    epoch = 0
-    while True:
+    for epoch in itertools.count():
         n = 0
-        for item in labelled_samples(cfg.train, cfg.heads, stats, seed=cfg.seed * 1000 + epoch):
+        items = labelled_samples(cfg.train, cfg.heads, stats, seed=cfg.seed * 1000 + epoch)
+        for image, ids in shuffled(items, cfg.shuffle_buffer, rng):
             n += 1
-            buf.append(item)
-            if len(buf) < cfg.shuffle_buffer:
-                continue
-            image, ids = buf.pop(rng.randrange(len(buf)))
             batch.append((tf(image), ids))
             if len(batch) == cfg.batch_size:
                 yield torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
                 batch = []
         if n == 0:
             raise InputError(f"train: no labelled samples with heads {list(cfg.heads)} in {cfg.train}", param="train")
-        rng.shuffle(buf)
-        while buf:  # the epoch's tail leaves the buffer before the next epoch starts
-            image, ids = buf.pop()
-            batch.append((tf(image), ids))
-            if len(batch) == cfg.batch_size:
-                yield torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
-                batch = []
-        epoch += 1
 
 
 # ---- model and loss ----------------------------------------------------------------------------------------------
@@ -254,8 +185,10 @@ def _lr(cfg: VisionPretrainConfig, step: int) -> float:
 
 
 def _optimizer(model: nn.Module, cfg: VisionPretrainConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
-    rest = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
+    """AdamW with the training loop's decay rule (blip.train_setup.no_weight_decay)."""
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        (rest if no_weight_decay(name, p) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr)
 

@@ -85,3 +85,16 @@ def test_no_test_file_imports_another():
                 names = [node.module]
             bad += [f"{path.name} imports {n}" for n in names if n.split(".")[-1] in tests]
     assert len(tests) > 20 and not bad, bad
+
+
+def test_cli_start_up_does_not_import_torch():
+    """`blipctl --help` registers every command; building their options must not load torch (seconds, not 0.1 s)."""
+    code = (
+        "import sys, typer\n"
+        "from blipctl.registry import register_all\n"
+        "register_all(typer.Typer())\n"
+        "print(','.join(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'timm', 'transformers'))))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"CLI start-up pulled in: {r.stdout.strip()[:200]}"

@@ -146,7 +146,7 @@ class _Stream(IterableDataset):
                             yield _Item(s["image"], c["prompt"] + text, image_id, s["key"], f"{name}/{s['key']}/{ci}")
 
         rng = _rng("buffer", c["seed"], c["epoch"], c["rank"], c["world_size"], w, nw)
-        return _shuffled(pairs(), c["shuffle_buffer"], rng)
+        return shuffled(pairs(), c["shuffle_buffer"], rng)
 
     def _list_items(self, w: int, nw: int, stats: SampleStats) -> Iterator[_Item]:
         c = self.cfg
@@ -180,12 +180,13 @@ def _bad(stats: SampleStats, strict: bool, where: str, reason: str, detail: str)
     stats.add_bad(reason)
 
 
-def _shuffled(items: Iterator[_Item], size: int, rng: np.random.Generator) -> Iterator[_Item]:
-    """A seeded shuffle buffer: fill `size`, then emit a random slot and put the newcomer there."""
+def shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """A seeded shuffle buffer: fill `size`, then emit a random slot and put the newcomer there (any items: also
+    blip.vision_pretrain's labelled images)."""
     if size <= 1:
         yield from items
         return
-    buf: list[_Item] = []
+    buf: list[Any] = []
     for it in items:
         if len(buf) < size:
             buf.append(it)

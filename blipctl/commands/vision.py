@@ -14,14 +14,15 @@ from typing import Annotated, Any
 
 import typer
 
-from blip.vision_pretrain import VisionPretrainConfig
+from blip.vision_pretrain_config import VisionPretrainConfig
 from blipctl._common import err, guarded
 from blipctl.overrides import parse_overrides
 
 
 def run_pretrain_vision(on_log: Any = None, **options: Any) -> dict[str, Any]:
     """Pre-train a ViT by classifying labelled images; returns the run's result (see blip.vision_pretrain)."""
-    from blip.vision_pretrain import pretrain_vision, vision_pretrain_config
+    from blip.vision_pretrain import pretrain_vision
+    from blip.vision_pretrain_config import vision_pretrain_config
 
     for key in ("train", "val"):
         if isinstance(options.get(key), str):
