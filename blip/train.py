@@ -164,6 +164,10 @@ class Trainer(TrainSetup, TrainCheckpoints):
         accum = cfg.optim.accum_steps
         self.window = _Window()
         self.ddp.train()
+        if self.cfg.optim.vision_lr_scale == 0:
+            self.model.visual_encoder.eval()  # locked: BatchNorm keeps its statistics, dropout and drop-path off
+            if self.momentum is not None:
+                self.momentum.visual_encoder_m.eval()
         if rng_states is None:
             _seed_everything(cfg.train.seed + info.rank)  # dropout etc. differ per rank, as the original
         while not self.done():
@@ -254,7 +258,7 @@ class Trainer(TrainSetup, TrainCheckpoints):
     def set_lr(self) -> float:
         lr = self.current_lr()
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
     def alpha(self) -> float:

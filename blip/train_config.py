@@ -107,6 +107,9 @@ class OptimArgs:
     """Micro-batches per optimizer step (gradient accumulation)."""
     grad_clip: float = 0.0
     """Clip the global grad norm to this value; 0 disables."""
+    vision_lr_scale: float = 1.0
+    """The vision tower's learning rate as a fraction of `lr`. 0 locks it (LiT, Zhai et al. 2022): no gradients,
+    BatchNorm statistics kept, a cheaper step; for a tower pre-trained on labels that later training would erode."""
     impl: Literal["auto", "fused", "foreach", "for"] = "auto"
     """AdamW kernel: auto = fused (on GPU and CPU; foreach elsewhere)."""
 
@@ -244,6 +247,7 @@ def validate(cfg: TrainConfig) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip,
+        "optim.vision_lr_scale": cfg.optim.vision_lr_scale,
         "train.epochs": cfg.train.epochs,
         "train.save_every": cfg.train.save_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,

@@ -129,12 +129,23 @@ class TrainSetup:
         return TASKS[self.cfg.task].from_config(self.model, self.momentum, self.cfg, self.tok)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters; each group's `lr_scale` multiplies the schedule's lr (set_lr)."""
         o = self.cfg.optim
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if no_weight_decay(name, p) else decay).append(p)
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if o.vision_lr_scale == 0:
+            self.model.visual_encoder.requires_grad_(False)
+        split = o.vision_lr_scale != 1.0  # one lr for all: the two groups of earlier checkpoints' optimizer state
+        groups = []
+        for vision in (False, True) if split else (None,):
+            decay, no_decay = [], []
+            for name, p in self.model.named_parameters():
+                if p.requires_grad and vision in (None, name.startswith("visual_encoder.")):
+                    (no_decay if no_weight_decay(name, p) else decay).append(p)
+            scale = o.vision_lr_scale if vision else 1.0
+            groups += [
+                {"params": decay, "weight_decay": o.weight_decay, "lr_scale": scale},
+                {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale},
+            ]
+        groups = [g for g in groups if g["params"]]
         impl = o.impl
         if impl == "auto":  # fused is also the fastest on CPU (~5x foreach for AdamW in torch 2.x)
             impl = "fused" if self.info.device.type in ("cuda", "cpu") else "foreach"

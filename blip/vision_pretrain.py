@@ -113,16 +113,18 @@ def _batches(cfg: VisionPretrainConfig, stats: SampleStats) -> Iterator[tuple[to
 
 # ---- model and loss ----------------------------------------------------------------------------------------------
 class Classifier(nn.Module):
-    """A ViT with one linear head per label set on its [CLS] token."""
+    """A ViT with one linear head per label set on its [CLS] token (`pool="cls"`) or its mean patch token."""
 
-    def __init__(self, vision: VisionConfig, heads: dict[str, int]):
+    def __init__(self, vision: VisionConfig, heads: dict[str, int], pool: str = "cls"):
         super().__init__()
         self.vit = ViT(vision)
+        self.pool = pool
         self.heads = nn.ModuleDict({name: nn.Linear(vision.width, n) for name, n in heads.items()})
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        cls = self.vit(pixels)[:, 0]  # (B, D): [CLS]
-        return {name: head(cls) for name, head in self.heads.items()}  # name -> (B, classes)
+        tokens = self.vit(pixels)  # (B, 1 + patches, D)
+        feat = tokens[:, 1:].mean(1) if self.pool == "mean" else tokens[:, 0]  # (B, D)
+        return {name: head(feat) for name, head in self.heads.items()}  # name -> (B, classes)
 
 
 def classification_losses(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -223,7 +225,7 @@ def pretrain_vision(cfg: VisionPretrainConfig, on_log: LogFn | None = None) -> d
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")  # fmt: skip
-    model = Classifier(cfg.vision(), cfg.heads).to(device).train()
+    model = Classifier(cfg.vision(), cfg.heads, cfg.pool).to(device).train()
     opt = _optimizer(model, cfg)
     stats = SampleStats()
     batches = _batches(cfg, stats)

@@ -29,6 +29,9 @@ class VisionPretrainConfig:
     """None keeps the size's 16."""
     stem: Literal["none", "conv"] = "none"
     """As `model.stem` (VisionConfig.stem); the BLIP that loads the tower must use the same."""
+    pool: Literal["cls", "mean"] = "cls"
+    """What the heads read: the [CLS] token, or the mean of the patch tokens. `mean` makes every patch carry what it
+    shows, which is what BLIP's cross-attention reads (the demo's captions name each object's shape)."""
     steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,14 +12,17 @@ from helpers import (
     config_dict,
     micro_config,
     micro_init,
+    micro_tokenizer,
     read_metrics,
+    sharpen,
     synthetic_loader,
     synthetic_pairs,
     tiny_tokenizer,
 )
 
 import blip.tasks as tasks_mod
-from blip.checkpoint import load_model
+from blip.checkpoint import load_model, save_checkpoint
+from blip.errors import InputError
 from blip.losses import itc_loss, itm_loss, lm_labels, lm_loss
 from blip.model.blip import BLIP
 from blip.model.momentum import Momentum
@@ -270,3 +274,50 @@ def test_accumulation_clipping_and_tensorboard_option(tmp_path, init_dir):
         assert warned  # a clear message, and the run goes on
     else:
         assert (out / "tensorboard").is_dir()
+
+
+def _stem_init(out):
+    """A micro pre-training model with a conv stem (BatchNorm statistics that a locked tower must keep)."""
+    torch.manual_seed(0)
+    tok = micro_tokenizer()
+    mc = micro_config(tok)
+    model = BLIP(dataclasses.replace(mc, vision=dataclasses.replace(mc.vision, stem="conv")))
+    sharpen(model, 3.0, 0)
+    save_checkpoint(model, tok, out)
+    return out, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_vision_lr_scale_locks_or_slows_the_tower(tmp_path, scale):
+    init, before = _stem_init(tmp_path / "init")
+    out = tmp_path / "o"
+    result, _ = _run("pretrain", init, out, optim={"vision_lr_scale": scale}, train={"max_steps": 4})
+    assert result["step"] == 4
+    after = load_model(out).model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    vision = {k for k in before if k.startswith("visual_encoder.")}
+    assert any(k.startswith("visual_encoder.patch_embed.proj.1.running_") for k in vision)  # the stem's BatchNorm
+    assert any(k.startswith("text_encoder.") for k in moved)
+    if scale == 0:
+        assert not moved & vision, f"a locked tower changed: {sorted(moved & vision)[:5]}"
+    else:
+        assert {"visual_encoder.patch_embed.proj.0.weight", "visual_encoder.blocks.0.attn.qkv.weight"} <= moved
+
+    cfg = build_config("pretrain", config_dict("pretrain", init, tmp_path / "o2", optim={"vision_lr_scale": scale}))
+    tr = Trainer(cfg, _cpu_info(), None, synthetic_loader(8))
+    tr.model, tr.tok = tr.build_model(None)
+    tr.optimizer = tr.build_optimizer()
+    lr = tr.set_lr()
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    for g in tr.optimizer.param_groups:
+        in_vision = {names[id(p)].startswith("visual_encoder.") for p in g["params"]}
+        assert len(in_vision) == 1  # a group is all tower or all rest
+        assert g["lr"] == pytest.approx(lr * (scale if in_vision.pop() else 1.0))
+    trainable = [p for p in tr.model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in tr.optimizer.param_groups) == len(trainable)
+    assert all(p.requires_grad == (scale > 0) for p in tr.model.visual_encoder.parameters())
+
+
+def test_vision_lr_scale_must_not_be_negative(tmp_path, init_dir):
+    with pytest.raises(InputError, match="optim.vision_lr_scale"):
+        build_config("pretrain", config_dict("pretrain", init_dir, tmp_path / "o", optim={"vision_lr_scale": -1.0}))

@@ -116,12 +116,30 @@ def test_bad_labels_are_skipped_and_counted_and_cls_members_read(tmp_path):
         ({"stepz": 3}, "unknown key\\(s\\) stepz"),
         ({"min_scale": 0.0}, "min_scale: must be in"),
         ({"steps": 0}, "steps: must be at least 1"),
+        ({"pool": "max"}, "pool"),
     ],
 )
 def test_config_errors_name_the_key(change, message):
     d = {"train": ["x"], "out": "o", "heads": {"a": 2}} | change
     with pytest.raises(InputError, match=message):
         vision_pretrain_config(d)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_heads_read_the_pooled_token(pool):
+    """`cls` heads see only [CLS]; `mean` heads the mean patch token, so every patch must carry the label."""
+    from blip.vision_pretrain import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier(_cfg_vision(), {"a": 3}, pool).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.vit(x)  # (B, 1 + patches, D)
+    feat = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)
+    torch.testing.assert_close(model(x)["a"], model.heads["a"](feat))
+
+
+def _cfg_vision():
+    return vision_pretrain_config({"train": ["x"], "out": "o", "heads": {"a": 3}, "image_size": 32}).vision()
 
 
 def test_cli_pretrain_vision_and_its_errors(world, tmp_path):

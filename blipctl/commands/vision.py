@@ -84,17 +84,18 @@ def register(app: typer.Typer) -> None:
 
         Labels come from json.labels ({"shape": 3, "color": 1}: one linear head on [CLS] per name) or a cls member
         (one integer, webdataset's ImageNet layout: --heads cls=1000). The tower goes to OUT/vit.safetensors;
-        start a pre-training from it with model.vision_init=OUT and the same model.stem / image size.
+        start a pre-training from it with model.vision_init=OUT and the same model.stem / image size, and lock it
+        there while the text side is untrained (optim.vision_lr_scale=0), or its first steps undo what it learnt.
 
         Options (KEY=VALUE): size tiny|base|large (tiny), image_size (224), patch_size, stem none|conv (none),
-        steps (1000), batch_size (64), lr (1e-3, cosine to min_lr 1e-5 after warmup_steps 30), weight_decay
-        (0.05), min_scale (1.0: no crop), hflip (false), shuffle_buffer (5000), log_every (100), seed (0),
-        device auto|cpu|cuda, overwrite (false).
+        pool cls|mean (cls: heads on [CLS]; mean: on the mean patch token), steps (1000), batch_size (64), lr (1e-3,
+        cosine to min_lr 1e-5 after warmup_steps 30), weight_decay (0.05), min_scale (1.0: no crop), hflip (false),
+        shuffle_buffer (5000), log_every (100), seed (0), device auto|cpu|cuda, overwrite (false).
 
         Example (the demo world's objects split):
 
           blipctl pretrain-vision --data demo/objects --val demo/objects_val --out runs/vit
-            --heads shape=5,color=6,size=2,position=5 size=tiny image_size=96 stem=conv steps=400
+            --heads shape=5,color=6,size=2,position=5 size=tiny image_size=96 stem=conv steps=700
         """
         from blip.config import deep_merge
 
