@@ -129,7 +129,9 @@ class TrainSetup:
         return TASKS[self.cfg.task].from_config(self.model, self.momentum, self.cfg, self.tok)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters; each group's `lr_scale` multiplies the schedule's lr (set_lr)."""
+        """AdamW over the trainable parameters; each group's `lr_scale` multiplies the schedule's lr (set_lr).
+        `optim.vision_lr_scale = 0` locks the tower here: its parameters stop requiring gradients and join no group
+        (the loop keeps it in eval mode)."""
         o = self.cfg.optim
         if o.vision_lr_scale == 0:
             self.model.visual_encoder.requires_grad_(False)
