@@ -135,18 +135,14 @@ class TrainSetup:
         o = self.cfg.optim
         if o.vision_lr_scale == 0:
             self.model.visual_encoder.requires_grad_(False)
-        split = o.vision_lr_scale != 1.0  # one lr for all: the two groups of earlier checkpoints' optimizer state
-        groups = []
-        for vision in (False, True) if split else (None,):
-            decay, no_decay = [], []
-            for name, p in self.model.named_parameters():
-                if p.requires_grad and vision in (None, name.startswith("visual_encoder.")):
-                    (no_decay if no_weight_decay(name, p) else decay).append(p)
-            scale = o.vision_lr_scale if vision else 1.0
-            groups += [
-                {"params": decay, "weight_decay": o.weight_decay, "lr_scale": scale},
-                {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale},
-            ]
+        named = list(self.model.named_parameters())
+        if o.vision_lr_scale == 1.0:  # one lr for all: the two groups of earlier checkpoints' optimizer state
+            groups = decay_groups(named, o.weight_decay, lr_scale=1.0)
+        else:
+            tower = [(n, p) for n, p in named if n.startswith("visual_encoder.")]
+            rest = [(n, p) for n, p in named if not n.startswith("visual_encoder.")]
+            groups = decay_groups(rest, o.weight_decay, lr_scale=1.0)
+            groups += decay_groups(tower, o.weight_decay, lr_scale=o.vision_lr_scale)
         groups = [g for g in groups if g["params"]]
         impl = o.impl
         if impl == "auto":  # fused is also the fastest on CPU (~5x foreach for AdamW in torch 2.x)
@@ -261,6 +257,16 @@ class TrainSetup:
 def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     """Biases, norm weights, temp (ndim < 2) and position / class embeddings are not decayed."""
     return p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "position_embeddings.weight"))
+
+
+def decay_groups(named: Iterable[tuple[str, torch.Tensor]], weight_decay: float, **extra: Any) -> list[dict]:
+    """Two AdamW groups of the parameters that require gradients: decayed weights, and the rest (no_weight_decay).
+    `extra` goes into both (e.g. lr_scale)."""
+    decay, rest = [], []
+    for name, p in named:
+        if p.requires_grad:
+            (rest if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, **extra}, {"params": rest, "weight_decay": 0.0, **extra}]
 
 
 def _apply_model_overrides(mc: BlipConfig, cfg: TrainConfig) -> BlipConfig:

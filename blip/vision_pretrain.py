@@ -47,7 +47,7 @@ from blip.data.shards import SampleStats, expand_shards, iter_shard
 from blip.data.transforms import eval_transform, train_transform
 from blip.errors import InputError
 from blip.model.vit import ViT
-from blip.train_setup import no_weight_decay
+from blip.train_setup import decay_groups
 from blip.vision_pretrain_config import VisionPretrainConfig, vision_pretrain_config  # noqa: F401 - part of this API
 
 RESULT = "result.json"
@@ -187,12 +187,8 @@ def _lr(cfg: VisionPretrainConfig, step: int) -> float:
 
 
 def _optimizer(model: nn.Module, cfg: VisionPretrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the training loop's decay rule (blip.train_setup.no_weight_decay)."""
-    decay, rest = [], []
-    for name, p in model.named_parameters():
-        (rest if no_weight_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    """AdamW with the training loop's decay groups (blip.train_setup.decay_groups)."""
+    return torch.optim.AdamW(decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr)
 
 
 def _prepare_out(cfg: VisionPretrainConfig) -> Path:
