@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from helpers import EVAL_CAPTIONS, eval_tokenizer, hf_retrieval_model, native_model, pixels
 
 from blip.checkpoint import load_model
+from blip.errors import InputError
 from blip.eval.retrieval import METRIC_KEYS, recall_metrics, retrieval_scores
 
 
@@ -171,6 +172,24 @@ def test_top_k_rerank_equals_the_original_algorithm(tok, k, pairs_per_batch):
     assert (got_i2t == -100.0).sum(1).tolist() == [len(texts) - k] * n_img  # non-candidates keep -100
     img2txt, txt2img = gt_maps(n_img, 2)
     assert recall_metrics(got_i2t, got_t2i, img2txt, txt2img) == itm_eval(want_i2t, want_t2i, txt2img, img2txt)
+
+
+def test_k0_ranks_every_pair_by_itc_alone(tok):
+    """k=0: the ITC cosine for every pair (no ITM, no -100 entries), whatever the ITM head says."""
+    model = native_model(tok, seed=6)
+    px = pixels(3, seed=7)
+    texts = EVAL_CAPTIONS[:6]
+    s_i2t, s_t2i = retrieval_scores(model, tok, px, texts, k=0)
+    with torch.no_grad():
+        ids, mask = tok(texts)
+        cos = F.normalize(model.image_features(model.encode_image(px)), dim=-1) @ model.text_features(ids, mask).t()
+        model.itm_head.bias.add_(torch.tensor([-50.0, 50.0]))  # an ITM head that would dominate any re-ranking
+    np.testing.assert_allclose(s_i2t, cos.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(s_t2i, s_i2t.T)
+    np.testing.assert_array_equal(retrieval_scores(model, tok, px, texts, k=0)[0], s_i2t)
+    assert np.all(np.abs(retrieval_scores(model, tok, px, texts, k=6)[0] - s_i2t) > 1.0)  # k > 0 adds the ITM logit
+    with pytest.raises(InputError, match="k must be at least 0"):
+        retrieval_scores(model, tok, px, texts, k=-1)
 
 
 def test_itc_uses_cls_and_itm_uses_enc(tok):

@@ -2,7 +2,9 @@
 
 The scores are the original's (train_retrieval.py `evaluation`): for each image its top-k texts by ITC cosine,
 for each text its top-k images, each candidate pair scored as ITM match logit (logit[:, 1], no softmax) + ITC
-cosine, every other entry -100; the metrics are the original `itm_eval`, ties included.
+cosine, every other entry -100; the metrics are the original `itm_eval`, ties included. `k=0` ranks every pair by
+the ITC cosine alone (no ITM): the score of a model whose ITM head is untrained, e.g. a short pre-training (measured on
+the laptop demo: its pre-trainings' ITM logits, of a head at chance or barely above, swamp the cosines they re-rank).
 
 It is much faster than the original and its memory is bounded, for the same numbers:
 - the cross-attention K/V of an image are computed once and shared by all its candidate texts (query folding,
@@ -114,14 +116,15 @@ def retrieval_scores(
     """(score_i2t (N_img, N_txt), score_t2i (N_txt, N_img)) float32, as the original's score matrices.
 
     images: a (N, 3, H, W) tensor or a dataset of (3, H, W) tensors (already transformed).
+    k: ITC candidates per image and per text re-ranked by ITM + ITC; 0: ITC cosine for every pair, no ITM.
     pairs_per_batch: (image, text) pairs per ITM forward. precision: auto, fp32 or bf16 (blip.precision).
     progress: called with stages "images", "texts", "pairs" and this rank's totals.
     Under torch.distributed every rank returns the full matrices; each rank scored a share of the images.
     """
     if not model.config.text_encoder:
         raise InputError("this model has no text encoder (ITC/ITM): it is a captioner, not a retrieval model")
-    if k < 1:
-        raise InputError(f"k must be at least 1, got {k}", param="k")
+    if k < 0:
+        raise InputError(f"k must be at least 0 (0: ITC only, no ITM re-ranking), got {k}", param="k")
     dev = model_device(model)
     rank, world = rank_and_world()
     report = progress or (lambda stage, n, total: None)
@@ -137,6 +140,8 @@ def retrieval_scores(
     img_tokens, img_feat = _encode_images(model, images, image_batch_size, num_workers, amp, store, report)
     txt_feat = _encode_texts(model, ids, mask, text_batch_size, amp, report)
     sims = img_feat @ txt_feat.t()  # (N, T) ITC cosine
+    if k == 0:
+        return sims.cpu().numpy(), sims.t().cpu().numpy()
     N, T = sims.shape
 
     # candidates: each image's top-k texts (i2t) and each text's top-k images (t2i)
@@ -311,8 +316,9 @@ def run(
     on_stage: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Retrieval recall (R@1/5/10, percent) of `model` on `dataset` (coco, flickr30k, a shard spec or an
-    annotation JSON), as the paper: ITC top-k re-ranked by ITM + ITC. Under torchrun every rank computes a share;
-    every rank returns the result. `model`: a source (default Salesforce/blip-itm-base-coco) or a loaded model."""
+    annotation JSON), as the paper: ITC top-k re-ranked by ITM + ITC (`k=0`: ITC only). Under torchrun every rank
+    computes a share; every rank returns the result. `model`: a source (default Salesforce/blip-itm-base-coco) or a
+    loaded model."""
     import time
 
     from blip.checkpoint import DEFAULT_FILTER

@@ -60,7 +60,14 @@ UNITS = {"images": "img", "texts": "txt", "pairs": "pairs", "captions": "img"}
 def eval_retrieval(
     dataset: DatasetArg,
     model: ModelOpt = None,
-    k: Annotated[int, typer.Option("--k", help="ITC candidates re-ranked by ITM, per image and per text.")] = 256,
+    k: Annotated[
+        int,
+        typer.Option(
+            "--k",
+            help="ITC candidates re-ranked by ITM, per image and per text (the paper: 256). 0: every pair ranked by "
+            "ITC alone, for a model whose ITM head is untrained (a short pre-training).",
+        ),
+    ] = 256,
     split: SplitOpt = "test",
     data_root: DataRootOpt = None,
     batch_size: Annotated[
