@@ -199,8 +199,9 @@ loaded, es = load_model(sys.argv[1]), load_eval_set(sys.argv[2])
 px = PixelDataset(es, eval_transform(loaded.model.config.vision.image_size))
 kw = dict(image_batch_size=4, text_batch_size=4, pairs_per_batch=4)
 i2t, t2i = retrieval_scores(loaded.model, loaded.tokenizer, px, es.texts, k=3, **kw)
+itc, _ = retrieval_scores(loaded.model, loaded.tokenizer, px, es.texts, k=0, **kw)  # ITC alone
 if info.rank == 0:
-    np.savez(sys.argv[3], i2t=i2t, t2i=t2i, world=info.world_size)
+    np.savez(sys.argv[3], i2t=i2t, t2i=t2i, itc=itc, world=info.world_size)
 barrier(info)  # as the CLI does: all ranks done, then leave the group (a rank leaving early can abort at exit)
 cleanup(info)
 """
@@ -226,6 +227,8 @@ def test_torchrun_scores_are_bit_identical_to_one_process(ckpt, ann, tmp_path):
     assert int(two["world"]) == 2 and int(one["world"]) == 1
     np.testing.assert_array_equal(two["i2t"], one["i2t"])
     np.testing.assert_array_equal(two["t2i"], one["t2i"])
+    np.testing.assert_array_equal(two["itc"], one["itc"])
+    assert (one["itc"] > -1.01).all() and (one["i2t"] == -100).any()  # k=0 scores every pair, k=3 only candidates
 
 
 def test_torchrun_cli_gives_the_same_metrics(ckpt, ann, tmp_path):

@@ -137,7 +137,8 @@ def retrieval_scores(
     ids, mask = tokenizer(list(texts), max_length=max_length)  # (T, L), padded to the longest text
     ids, mask = ids.to(dev), mask.to(dev)
     store = dtype  # under autocast the image tokens come out of the ViT in bf16 anyway
-    img_tokens, img_feat = _encode_images(model, images, image_batch_size, num_workers, amp, store, report)
+    keep = k > 0  # the ITM re-ranking needs the image tokens; ITC alone only the features
+    img_tokens, img_feat = _encode_images(model, images, image_batch_size, num_workers, amp, store, report, keep)
     txt_feat = _encode_texts(model, ids, mask, text_batch_size, amp, report)
     sims = img_feat @ txt_feat.t()  # (N, T) ITC cosine
     if k == 0:
@@ -179,15 +180,16 @@ def retrieval_scores(
     return score_i2t.cpu().numpy(), score_t2i.cpu().numpy()
 
 
-def _encode_images(model, images, batch_size, num_workers, amp, store, report):
-    """ViT tokens (N, 1 + P, Dv) and ITC features (N, E) of every image, kept on the model's device."""
+def _encode_images(model, images, batch_size, num_workers, amp, store, report, keep_tokens=True):
+    """ViT tokens (N, 1 + P, Dv; None unless `keep_tokens`) and ITC features (N, E) of every image, kept on the
+    model's device."""
     dev = model_device(model)
     rank, world = rank_and_world()
     N = len(images)
     if N == 0:
         raise InputError("no images to evaluate")
     n_tok = model.visual_encoder.pos_embed.shape[1]
-    tokens = torch.zeros(N, n_tok, model.config.vision.width, dtype=store, device=dev)
+    tokens = torch.zeros(N, n_tok, model.config.vision.width, dtype=store, device=dev) if keep_tokens else None
     feats = torch.zeros(N, model.config.embed_dim, device=dev)
     mine = sum(len(r) for r in my_batches(N, batch_size, rank, world))
     report("images", 0, mine)
@@ -195,10 +197,11 @@ def _encode_images(model, images, batch_size, num_workers, amp, store, report):
         with amp():
             emb = model.encode_image(px.to(dev))  # (B, 1 + P, Dv)
             feat = model.image_features(emb)
-        tokens[r.start : r.stop] = emb.to(store)
+        if tokens is not None:
+            tokens[r.start : r.stop] = emb.to(store)
         feats[r.start : r.stop] = feat.float()
         report("images", len(r), mine)
-    return sum_(tokens), sum_(feats)
+    return (sum_(tokens) if tokens is not None else None), sum_(feats)
 
 
 def _encode_texts(model, ids, mask, batch_size, amp, report):
