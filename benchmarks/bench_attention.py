@@ -84,7 +84,7 @@ def main() -> None:
                     t = median(ts)
                     med[(kind, prec)] = t
                     work = flops / 2 if kind.startswith("q @ k") else flops
-                    frac = f" = {work / t / 1e9 / roof.gflops[prec]:.0%} of the {prec} roofline" if roof else ""
+                    frac = roof.fraction(work / t / 1e9, prec) if roof else ""
                     err = "" if kind.startswith("q @ k") else f"  max |out - fp32 sdpa| {_err(fns[kind](), ref):.1e}"
                     print(
                         f"  {prec} {kind:<16} {t * 1e3:8.2f} ms  {work / t / 1e9:6.0f} GFLOP/s{frac}{err}", flush=True

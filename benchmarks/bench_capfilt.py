@@ -91,8 +91,8 @@ def main() -> None:
             med[p] = t = median(ts)
             gf = flops / t / 1e9
             print(
-                f"  {p}: {t:.1f} s, {n / t:.2f} images/s, {gf:.0f} GFLOP/s = {gf / roof.gflops[p]:.0%} of the {p} "
-                f"roofline ({flops / n / 1e9:.0f} GFLOP/image)"
+                f"  {p}: {t:.1f} s, {n / t:.2f} images/s, {gf:.0f} GFLOP/s{roof.fraction(gf, p)} "
+                f"({flops / n / 1e9:.0f} GFLOP/image)"
             )
         print(f"  bf16 vs fp32: {med['fp32'] / med['bf16']:.2f}x images/s")
         kept = {p: seen[p].counts for p in seen}

@@ -136,8 +136,8 @@ def main() -> None:
         prec = k.split()[-1]
         gf = flops / t / 1e9
         print(
-            f"  {k:<18} {t:7.2f} s  ({', '.join(f'{x:.2f}' for x in times[k])})  {gf:6.0f} GFLOP/s = "
-            f"{gf / roof.gflops[prec]:.0%} of the {prec} roofline"
+            f"  {k:<18} {t:7.2f} s  ({', '.join(f'{x:.2f}' for x in times[k])})  {gf:6.0f} GFLOP/s"
+            f"{roof.fraction(gf, prec)}"
         )
     print(f"  bf16 vs fp32 (blipctl, whole call): {med['blipctl fp32'] / med['blipctl bf16']:.2f}x")
     if args.transformers:

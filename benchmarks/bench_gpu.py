@@ -57,6 +57,8 @@ def peak_tflops(device: torch.device, override: float | None, roof: Roofline) ->
             if k in name:
                 return BF16_PEAK_TFLOPS[k], f"datasheet ({k})"
         return roof.gflops["bf16"] / 1e3, "measured matmul (unknown GPU)"
+    if "bf16" in roof.emulated:
+        return roof.gflops["bf16"] / 1e3, "measured bf16 matmul, emulated on this CPU: the MFU means little"
     return roof.gflops["bf16"] / 1e3, "measured bf16 matmul roofline (CPU)"
 
 

@@ -157,8 +157,7 @@ def precision_side_by_side(model, px, ids, mask, R, reps: int, roof, results: di
     for p, ts in times.items():
         t = median(ts)
         g = flops / t / 1e9
-        frac = g / roof.gflops[p]
-        print(f"  {p}: {t:.2f} s, {pairs / t:.2f} pairs/s, {g:.0f} GFLOP/s = {frac:.0%} of the {p} roofline")
+        print(f"  {p}: {t:.2f} s, {pairs / t:.2f} pairs/s, {g:.0f} GFLOP/s{roof.fraction(g, p)}")
         results[f"c_{p}"] = {"seconds": round(t, 2), "pairs_per_s": round(pairs / t, 3)}
     sp = median(times["fp32"]) / median(times["bf16"])
     print(f"  bf16 vs fp32: {sp:.2f}x; ITM p(match) |bf16 - fp32|: max {d.max():.4f}, mean {d.mean():.4f}")

@@ -165,15 +165,15 @@ def bench(size: str, a: argparse.Namespace, roof) -> list[dict]:
                 "samples_per_s": round(a.batch / t, 3),
                 "gflop_per_sample": round(flops[k] / a.batch / 1e9, 1),
                 "gflop_per_s": round(g, 1),
-                "of_roofline": round(g / roof.gflops[prec], 3),
+                "of_roofline": None if (sh := roof.share(g, prec)) is None else round(sh, 3),
             }
         )
     print(f"\n{size} (median of {a.reps} alternating steps; load now {loadavg()}):")
     for r in rows:
         print(
             f"  {r['variant']:<16} {r['s_per_step']:7.2f} s/step  {r['samples_per_s']:7.3f} samples/s  "
-            f"{r['gflop_per_sample']:6.1f} GFLOP/sample  {r['gflop_per_s']:6.1f} GFLOP/s = "
-            f"{r['of_roofline']:.0%} of the {r['variant'].split()[-1]} roofline"
+            f"{r['gflop_per_sample']:6.1f} GFLOP/sample  {r['gflop_per_s']:6.1f} GFLOP/s"
+            f"{roof.fraction(r['gflop_per_s'], r['variant'].split()[-1])}"
         )
     by = {r["variant"]: r for r in rows}
     if "blipctl fp32" in by and "blipctl bf16" in by:
