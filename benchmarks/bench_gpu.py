@@ -281,6 +281,7 @@ def main() -> None:
     if a.json_out:
         with open(a.json_out, "w") as f:
             info = {"machine": machine_line(str(device)), "roofline": roof.gflops, "peak_tflops": peak}
+            info["roofline_emulated"] = sorted(roof.emulated)
             json.dump({**info, "rows": rows}, f)
 
 

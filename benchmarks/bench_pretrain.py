@@ -210,7 +210,8 @@ def main() -> None:
     if a.json_out:
         with open(a.json_out, "a") as f:
             for r in rows:
-                f.write(json.dumps({**r, "roofline": roof.gflops, "load_end": loadavg()}) + "\n")
+                row = {**r, "roofline": roof.gflops, "roofline_emulated": sorted(roof.emulated), "load_end": loadavg()}
+                f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -93,8 +93,8 @@ class Roofline:
         return cls(out, n, frozenset(emulated))
 
     def line(self) -> str:
-        note = {k: " (emulated: no bf16 in this CPU; 512^3, not a roofline)" for k in self.emulated}
-        parts = ", ".join(f"{k} {v:.3g} GFLOP/s{note.get(k, '')}" for k, v in self.gflops.items())
+        note = {k: f" (emulated: no bf16 in this CPU; {min(self.n, 512)}^3, not a roofline)" for k in self.emulated}
+        parts = ", ".join(f"{k} {_gflops(v)} GFLOP/s{note.get(k, '')}" for k, v in self.gflops.items())
         return f"roofline ({self.n}^3 matmul, measured now): {parts}"
 
     def share(self, gflops: float, precision: str) -> float | None:
@@ -109,6 +109,11 @@ class Roofline:
         if share is None:
             return f" ({precision} emulated here: no roofline)" if precision in self.emulated else ""
         return f" = {share:.0%} of the {precision} roofline"
+
+
+def _gflops(v: float) -> str:
+    """'187', '1.34': whole numbers down to 10, three significant digits below (an emulated bf16 matmul)."""
+    return f"{v:.0f}" if v >= 10 else f"{v:.3g}"
 
 
 def _sync(device: str) -> None:
