@@ -105,10 +105,10 @@ class Roofline:
 
     def fraction(self, gflops: float, precision: str) -> str:
         """' = 87% of the fp32 roofline', or why there is no such share."""
+        if precision in self.emulated:
+            return f" ({precision} emulated here: no roofline)"
         share = self.share(gflops, precision)
-        if share is None:
-            return f" ({precision} emulated here: no roofline)" if precision in self.emulated else ""
-        return f" = {share:.0%} of the {precision} roofline"
+        return "" if share is None else f" = {share:.0%} of the {precision} roofline"
 
 
 def _gflops(v: float) -> str:
