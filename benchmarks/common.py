@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -64,7 +65,10 @@ class Roofline:
 
     On a CPU without bf16 in hardware (no avx512_bf16/amx) bf16 is emulated: its matmul runs at a fraction of a
     GFLOP/s at 2048^3 (4 minutes for the measurement) and below what the model's small bf16 matmuls reach, so it is
-    no roofline. It is measured at 512^3 for the record and listed in `emulated`; `fraction` gives no share of it."""
+    no roofline. It is measured at EMULATED_N^3 for the record and listed in `emulated`; `fraction` gives no share of
+    it."""
+
+    EMULATED_N: ClassVar[int] = 512
 
     gflops: dict[str, float]
     n: int
@@ -78,7 +82,7 @@ class Roofline:
             m = n
             if name == "bf16" and not str(device).startswith("cuda") and not cpu_has_native_bf16():
                 emulated.add(name)
-                m = min(n, 512)
+                m = min(n, cls.EMULATED_N)
             a = torch.randn(m, m, device=device, dtype=dt)
             b = torch.randn(m, m, device=device, dtype=dt)
             a @ b  # warm-up (kernel selection)
@@ -93,8 +97,10 @@ class Roofline:
         return cls(out, n, frozenset(emulated))
 
     def line(self) -> str:
-        note = {k: f" (emulated: no bf16 in this CPU; {min(self.n, 512)}^3, not a roofline)" for k in self.emulated}
-        parts = ", ".join(f"{k} {_gflops(v)} GFLOP/s{note.get(k, '')}" for k, v in self.gflops.items())
+        emulated = f" (emulated: no bf16 in this CPU; {min(self.n, self.EMULATED_N)}^3, not a roofline)"
+        parts = ", ".join(
+            f"{k} {_gflops(v)} GFLOP/s{emulated if k in self.emulated else ''}" for k, v in self.gflops.items()
+        )
         return f"roofline ({self.n}^3 matmul, measured now): {parts}"
 
     def share(self, gflops: float, precision: str) -> float | None:
