@@ -3,8 +3,9 @@ captions checked against the recorded scene, the wrong ones split by kind, per n
 
     binding   the scene has that colour and that shape, but on different objects ("a red square" for a red circle
               and a blue square)
-    shape     no object of the scene has that shape (colour alone: any other unknown combination)
-    size, position   the object exists but the named size or position is not its own
+    shape     the scene has that colour but no object of that shape
+    colour    no object of the scene has that colour
+    size, position   the object exists but the named size (checked first) or position is not its own
 
 The measurement behind docs/demo-capfilt.md ("Seventh session"): a captioner that names single objects right can
 still bind colours to the wrong shapes in scenes of two or three objects.
@@ -28,7 +29,7 @@ def kind_of_error(phrase: tuple[str, str, str, str], scene: dict) -> str | None:
     shape = _SHAPE_OF[shape_w]
     o = next((o for o in scene["objects"] if (o["color"], o["shape"]) == (color, shape)), None)
     if o is None:
-        colours, shapes = {o["color"] for o in scene["objects"]}, {o["shape"] for o in scene["objects"]}
+        colours, shapes = {x["color"] for x in scene["objects"]}, {x["shape"] for x in scene["objects"]}
         if color in colours and shape in shapes:
             return "binding"
         return "shape" if color in colours else "colour"
@@ -43,7 +44,7 @@ def main(out_dir: str, shards: int | None = None) -> None:
     paths = sorted(glob.glob(f"{out_dir}/*.tar"))[:shards]
     tally: Counter = Counter()
     for path in paths:
-        for s in iter_shard(path, SampleStats(), need_caption=False):
+        for s in iter_shard(path, SampleStats(), need_caption=False, decode=False):
             scene = s["json"]["scene"]
             n = len(scene["objects"])
             for c in s["json"]["captions"]:
