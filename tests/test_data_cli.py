@@ -183,7 +183,7 @@ def test_from_json_strict_and_bad_input(annotated_images, tmp_path):
 def test_phrases_vs_scene_judges_each_phrase():
     """One verdict per "[size] colour shape [position]" phrase (the issue-15 target is per phrase); a caption is
     right when all of them are."""
-    from blip.data.demo import caption_matches_scene, phrases_vs_scene
+    from blip.data.demo import caption_matches_scene, phrase_errors, phrases_vs_scene
 
     scene = {
         "objects": [
@@ -193,6 +193,9 @@ def test_phrases_vs_scene_judges_each_phrase():
     }
     text = "a small red star on the left and a big blue square on the right and a green circle"
     assert phrases_vs_scene(text, scene) == [True, False, False]  # wrong position; no green circle
+    assert phrase_errors(text, scene) == [None, "position", "colour"]
+    swapped = "a red square, a blue star, a small blue square, a small red star at the top and a red circle"
+    assert phrase_errors(swapped, scene) == ["binding", "binding", "size", "position", "shape"]
     assert caption_matches_scene(text, scene) is False
     assert phrases_vs_scene("a big red star", scene) == [False]  # wrong size
     assert phrases_vs_scene("buy now cheap", scene) == [] and caption_matches_scene("buy now cheap", scene) is None

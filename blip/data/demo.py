@@ -221,19 +221,38 @@ _OBJECT_PHRASE = re.compile(
 )
 
 
+def phrase_errors(text: str, scene: dict) -> list[str | None]:
+    """One entry per "[size] colour shape [position]" phrase of a caption: None when the scene has an object of that
+    colour and shape, of that size and at that position when they are given; else what is wrong:
+
+        "binding"   the scene has that colour and that shape, on different objects ("a red square" in a scene of a
+                    red circle and a blue square)
+        "shape"     the scene has that colour, but no object of that shape
+        "colour"    no object of that colour
+        "size", "position"   the object exists, but the named size (checked first) or position is not its own
+    """
+    objects = {(o["color"], o["shape"]): o for o in scene.get("objects", [])}
+    colours = {o["color"] for o in objects.values()}
+    shapes = {o["shape"] for o in objects.values()}
+    kinds: list[str | None] = []
+    for size_word, color, shape_word, position_word in _OBJECT_PHRASE.findall(text.lower()):
+        shape = _SHAPE_OF[shape_word]
+        o = objects.get((color, shape))
+        if o is None:
+            kinds.append("colour" if color not in colours else "binding" if shape in shapes else "shape")
+        elif size_word and _SIZE_OF[size_word] != o["size"]:
+            kinds.append("size")
+        elif position_word and _POSITION_OF[position_word] != o["position"]:
+            kinds.append("position")
+        else:
+            kinds.append(None)
+    return kinds
+
+
 def phrases_vs_scene(text: str, scene: dict) -> list[bool]:
     """One verdict per "[size] colour shape [position]" phrase of a caption: an object of that colour and shape is in
-    the scene, of that size and at that position when they are given."""
-    objects = {(o["color"], o["shape"]): o for o in scene.get("objects", [])}
-    verdicts = []
-    for size_word, color, shape_word, position_word in _OBJECT_PHRASE.findall(text.lower()):
-        o = objects.get((color, _SHAPE_OF[shape_word]))
-        verdicts.append(
-            o is not None
-            and (not size_word or _SIZE_OF[size_word] == o["size"])
-            and (not position_word or _POSITION_OF[position_word] == o["position"])
-        )
-    return verdicts
+    the scene, of that size and at that position when they are given (`phrase_errors` says what is wrong)."""
+    return [kind is None for kind in phrase_errors(text, scene)]
 
 
 def caption_matches_scene(text: str, scene: dict) -> bool | None:
